@@ -1,0 +1,186 @@
+//! The aux: keeps the primary status table and the primary's heartbeat in a memory region the
+//! primary writes with one-sided writes (the patent's "storage sharing"). The aux's CPU does not
+//! take part in those writes; it only watches the heartbeat and, on heartbeat loss or on request,
+//! fences the primary (revokes its access, records the fence) and hands the frozen table to the
+//! DR.
+//!
+//! Region layout (a memory-mapped file in the runtime, so the table outlives an aux restart):
+//! two [`RegionHeader`] copies (128 bytes, aux-owned), then the primary-writable area: the
+//! heartbeat (64 bytes) and `table_slots` entries of 32 bytes (see `primary::AUX_ENTRIES_OFFSET`).
+
+use crate::config::{Epoch, Geometry, Nanos};
+use crate::dr::OpenError;
+use crate::primary::aux_primary_area_bytes;
+use crate::wire::{
+    DecodeError, Heartbeat, RegionHeader, AUX_TABLE_MAGIC, REGION_FLAG_FENCED, REGION_HEADER_BYTES,
+};
+
+/// Offset of the primary-writable area in the aux region.
+pub const AUX_PRIMARY_AREA_OFFSET: usize = 2 * REGION_HEADER_BYTES;
+
+/// Bytes of the whole aux region.
+pub fn aux_region_bytes(table_slots: u32) -> usize {
+    AUX_PRIMARY_AREA_OFFSET + aux_primary_area_bytes(table_slots)
+}
+
+#[derive(Clone, Copy, Debug)]
+pub struct AuxConfig {
+    pub geometry: Geometry,
+    /// The primary is declared dead when its heartbeat has not advanced for this long.
+    pub heartbeat_timeout_ns: Nanos,
+}
+
+/// What the runtime must do for the aux.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AuxAction {
+    /// Revoke the primary's remote write access to the region (deregister the memory region or
+    /// move the queue pair to the error state), so nothing it sends lands any more (I5).
+    RevokePrimaryAccess,
+    /// Tell the DR that the primary of `epoch` is dead and the table is frozen: fail over.
+    NotifyPrimaryLost { epoch: Epoch },
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FenceCause {
+    HeartbeatLost,
+    Requested,
+}
+
+#[derive(Debug)]
+pub struct Aux<R> {
+    config: AuxConfig,
+    region: R,
+    header: RegionHeader,
+    last_heartbeat: Option<Heartbeat>,
+    last_change_at: Nanos,
+    fence_cause: Option<FenceCause>,
+    actions: Vec<AuxAction>,
+}
+
+impl<R: AsRef<[u8]> + AsMut<[u8]>> Aux<R> {
+    /// Opens the region, formatting an all-zero one for `epoch`. A region fenced before a restart
+    /// stays fenced. `now` starts the heartbeat grace period.
+    pub fn open(
+        config: AuxConfig,
+        mut region: R,
+        epoch: Epoch,
+        now: Nanos,
+    ) -> Result<Self, OpenError> {
+        let needed = aux_region_bytes(config.geometry.table_slots);
+        let got = region.as_ref().len();
+        if got < needed {
+            return Err(OpenError::TooSmall { needed, got });
+        }
+        let header = if region.as_ref()[..AUX_PRIMARY_AREA_OFFSET]
+            .iter()
+            .all(|&b| b == 0)
+        {
+            RegionHeader {
+                magic: AUX_TABLE_MAGIC,
+                flags: 0,
+                epoch,
+                generation: 0,
+                geometry: config.geometry,
+            }
+            .write_next(region.as_mut())
+        } else {
+            let header = RegionHeader::read_newest(region.as_ref(), AUX_TABLE_MAGIC)
+                .map_err(OpenError::Header)?;
+            if header.geometry.table_slots != config.geometry.table_slots {
+                return Err(OpenError::Geometry(DecodeError::GeometryMismatch {
+                    field: "table slots",
+                    ours: u64::from(config.geometry.table_slots),
+                    theirs: u64::from(header.geometry.table_slots),
+                }));
+            }
+            header
+        };
+        let fence_cause = (header.flags & REGION_FLAG_FENCED != 0).then_some(FenceCause::Requested);
+        let mut aux = Aux {
+            config,
+            region,
+            header,
+            last_heartbeat: None,
+            last_change_at: now,
+            fence_cause,
+            actions: Vec::new(),
+        };
+        aux.last_heartbeat = aux.read_heartbeat();
+        if aux.fence_cause.is_some() {
+            // Access must stay revoked across the restart.
+            aux.actions.push(AuxAction::RevokePrimaryAccess);
+        }
+        Ok(aux)
+    }
+
+    pub fn epoch(&self) -> Epoch {
+        self.header.epoch
+    }
+    pub fn fenced(&self) -> Option<FenceCause> {
+        self.fence_cause
+    }
+    pub fn region(&self) -> &R {
+        &self.region
+    }
+    /// The region as the NIC sees it: one-sided writes land here without the aux's logic.
+    pub fn nic_region_mut(&mut self) -> &mut R {
+        &mut self.region
+    }
+    pub fn into_region(self) -> R {
+        self.region
+    }
+    /// The primary-writable area (heartbeat + table); the DR reads this on failover.
+    pub fn primary_area(&self) -> &[u8] {
+        &self.region.as_ref()
+            [AUX_PRIMARY_AREA_OFFSET..aux_region_bytes(self.config.geometry.table_slots)]
+    }
+    pub fn last_heartbeat(&self) -> Option<Heartbeat> {
+        self.last_heartbeat
+    }
+
+    pub fn drain_actions(&mut self) -> std::vec::Drain<'_, AuxAction> {
+        self.actions.drain(..)
+    }
+
+    fn read_heartbeat(&self) -> Option<Heartbeat> {
+        // A torn heartbeat (checksum mismatch) counts as no change; the next one will be whole.
+        Heartbeat::decode(&self.region.as_ref()[AUX_PRIMARY_AREA_OFFSET..])
+            .ok()
+            .flatten()
+    }
+
+    /// Time passes: watch the heartbeat.
+    pub fn handle_tick(&mut self, now: Nanos) {
+        if self.fence_cause.is_some() {
+            return;
+        }
+        let heartbeat = self.read_heartbeat();
+        if heartbeat != self.last_heartbeat {
+            self.last_heartbeat = heartbeat;
+            self.last_change_at = now;
+            return;
+        }
+        if now.saturating_sub(self.last_change_at) >= self.config.heartbeat_timeout_ns {
+            self.fence(FenceCause::HeartbeatLost);
+            self.actions.push(AuxAction::NotifyPrimaryLost {
+                epoch: self.header.epoch,
+            });
+        }
+    }
+
+    /// The DR asks to fence the primary (manual failover, or the DR lost the primary). The
+    /// answer is always the frozen table; fencing twice is harmless.
+    pub fn handle_fence_request(&mut self) {
+        if self.fence_cause.is_none() {
+            self.fence(FenceCause::Requested);
+        }
+    }
+
+    fn fence(&mut self, cause: FenceCause) {
+        self.fence_cause = Some(cause);
+        let mut header = self.header;
+        header.flags |= REGION_FLAG_FENCED;
+        self.header = header.write_next(self.region.as_mut());
+        self.actions.push(AuxAction::RevokePrimaryAccess);
+    }
+}

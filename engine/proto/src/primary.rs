@@ -1,0 +1,931 @@
+//! The primary: assigns the operation order, replicates it synchronously in batched SENDs,
+//! streams payloads asynchronously in FIFO order as one-sided writes, keeps the primary status
+//! table on the aux, and acknowledges clients by the configured mode.
+//!
+//! Life of one write `s` (cursors are cumulative: "every op up to and including"):
+//!
+//! ```text
+//! admit ─► LocalWrite ──────────────────────────────► local_done(s)
+//!       ├► order record ─► SendOrderBatch ─► DR ack ─► order_acked_through >= s
+//!       ├► WritePayload (FIFO) ─────────► completion ─► payload_done_through >= s
+//!       └► aux entry "queued" ─► WriteAux ─► done ─► aux_queued_done_through >= s
+//!            and once payload done and order acked: "replicated" ─► aux_replicated_done_through
+//! ack the client when the mode's condition holds; release the ring span when the DR has applied
+//! s (its payload is no longer pending there), and the table slot when, in addition, the aux
+//! holds "replicated" for s and the client has its answer (patent tables 1-3: an area block is
+//! reused only once its order is synced and its data replicated).
+//! ```
+
+use std::collections::VecDeque;
+
+use crate::checksum::crc32c;
+use crate::config::{Epoch, Geometry, LinkLossPolicy, Mode, Mutation, Mutations, Nanos, Seq};
+use crate::ring::RingAllocator;
+use crate::wire::{
+    AuxEntry, DecodeError, DrState, Heartbeat, Message, MessageKind, OrderRecord, PrimaryStatus,
+    Refusal, RefusalReason, AUX_ENTRY_BYTES, MESSAGE_HEADER_BYTES, ORDER_BATCH_RECORDS_MAX,
+    ORDER_RECORD_BYTES,
+};
+
+/// Byte offset of the heartbeat inside the primary-writable area of the aux region.
+pub const AUX_HEARTBEAT_OFFSET: usize = 0;
+/// Byte offset of status entry 0 inside the primary-writable area of the aux region.
+pub const AUX_ENTRIES_OFFSET: usize = 64;
+
+/// Size of the primary-writable area of the aux region for `table_slots` entries.
+pub fn aux_primary_area_bytes(table_slots: u32) -> usize {
+    AUX_ENTRIES_OFFSET + table_slots as usize * AUX_ENTRY_BYTES
+}
+
+#[derive(Clone, Copy, Debug)]
+pub struct PrimaryConfig {
+    pub geometry: Geometry,
+    pub mode: Mode,
+    pub link_loss_policy: LinkLossPolicy,
+    pub epoch: Epoch,
+    /// Most records in one order batch (<= `ORDER_BATCH_RECORDS_MAX`).
+    pub order_batch_records_max: usize,
+    /// Order batches sent and not yet acked; the DR keeps this many receive buffers posted.
+    pub order_batches_inflight_max: usize,
+    /// Payload writes posted and not yet completed.
+    pub payload_writes_inflight_max: u64,
+    /// Backpressure: ops admitted whose payload has not reached the DR.
+    pub lag_ops_max: u64,
+    /// Backpressure: bytes admitted whose payload has not reached the DR.
+    pub lag_bytes_max: u64,
+    /// How often the heartbeat on the aux is advanced.
+    pub heartbeat_interval_ns: Nanos,
+    pub mutations: Mutations,
+}
+
+impl PrimaryConfig {
+    /// Defaults a user gets without tuning: batches of up to 64 records, 8 in flight, 64 payload
+    /// writes in flight, lag bounded by the ring, a heartbeat every 10 ms.
+    pub fn new(geometry: Geometry, mode: Mode) -> Self {
+        PrimaryConfig {
+            geometry,
+            mode,
+            link_loss_policy: LinkLossPolicy::Block,
+            epoch: 1,
+            order_batch_records_max: 64,
+            order_batches_inflight_max: 8,
+            payload_writes_inflight_max: 64,
+            lag_ops_max: u64::from(geometry.table_slots),
+            lag_bytes_max: geometry.ring_bytes,
+            heartbeat_interval_ns: 10_000_000,
+            mutations: Mutations::NONE,
+        }
+    }
+}
+
+/// Which aux write completed or failed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AuxWriteTag {
+    Entries,
+    Heartbeat,
+}
+
+/// What the runtime must do for the primary. Buffers named by an action are owned by the
+/// primary ([`Primary::order_batch`], [`Primary::aux_area`]) or by the runtime (the staging ring)
+/// and stay unchanged until the action's completion is handed back.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PrimaryAction {
+    /// Write the op's bytes, staged at `ring_offset` in the primary's staging ring, to the local
+    /// volume; then call `handle_local_write_done(seq)`.
+    LocalWrite {
+        seq: Seq,
+        volume_offset: u64,
+        ring_offset: u64,
+        len: u32,
+    },
+    /// SEND `order_batch(buffer)[..len]` to the DR (records `first_seq..=last_seq`).
+    SendOrderBatch {
+        buffer: usize,
+        len: usize,
+        first_seq: Seq,
+        last_seq: Seq,
+    },
+    /// One-sided WRITE of the staging ring `[ring_offset, +len)` to the same place in the DR's
+    /// ring, with immediate data `imm` (the low 32 bits of seq); then `handle_payload_write_done`.
+    WritePayload {
+        seq: Seq,
+        ring_offset: u64,
+        len: u32,
+        imm: u32,
+    },
+    /// One-sided WRITE of `aux_area()[offset..offset + len]` to the same offset of the aux's
+    /// primary-writable area; then `handle_aux_write_done(tag)`.
+    WriteAux {
+        offset: usize,
+        len: usize,
+        tag: AuxWriteTag,
+    },
+    /// Tell the client its write `seq` is acknowledged. `degraded` is set when the DR did not
+    /// hold the order at that moment (link down, `LinkLossPolicy::Degrade`, or `Mode::Async`).
+    AckClient {
+        seq: Seq,
+        client_tag: u64,
+        degraded: bool,
+    },
+    /// Tell the client its write `seq` failed; it may or may not be on the DR after failover.
+    FailClient { seq: Seq, client_tag: u64 },
+    /// The primary has stopped for good: another node holds the volume now, or the protocol
+    /// broke. The runtime logs `PrimaryStop` and stops serving writes.
+    Stopped(PrimaryStop),
+}
+
+/// Why the primary stopped.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PrimaryStop {
+    /// The aux refused a write (remote access revoked): a failover has fenced us.
+    FencedByAux,
+    /// The DR refused us with a newer epoch or because it is failing over.
+    FencedByDr { dr_epoch: Epoch },
+    /// The DR answered something impossible (acked more than we sent, went backwards).
+    ProtocolViolation,
+    /// The DR refused a batch as invalid: a bug on one side; replication cannot go on safely.
+    RefusedInvalid { seq: Seq },
+    /// The local volume failed a write; the volume is in an unknown state.
+    LocalWriteFailed { seq: Seq },
+}
+
+/// Why a client write was not admitted.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum WriteRefused {
+    /// A limit is reached (ring, table, lag): retry after the next completion.
+    Backpressure(Limit),
+    /// The request itself is bad (range, alignment, size).
+    Invalid(DecodeError),
+    /// The primary has stopped.
+    Stopped,
+}
+
+/// Which limit applied the backpressure.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Limit {
+    TableSlots,
+    RingBytes,
+    LagOps,
+    LagBytes,
+}
+
+/// A write the primary admitted.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Admitted {
+    pub seq: Seq,
+    /// Where the runtime must copy the client's bytes in the staging ring before running actions.
+    pub ring_offset: u64,
+}
+
+#[derive(Clone, Copy, Debug, Default)]
+struct OpSlot {
+    seq: Seq,
+    volume_offset: u64,
+    ring_offset: u64,
+    alloc_end: u64,
+    len: u32,
+    payload_crc: u32,
+    client_tag: u64,
+    local_done: bool,
+    answered: bool,
+}
+
+/// Counters for `ordinal status` and the benchmarks.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PrimaryStats {
+    pub admitted: u64,
+    pub acked: u64,
+    pub acked_degraded: u64,
+    pub order_batches_sent: u64,
+    pub order_records_sent: u64,
+    pub payload_writes_posted: u64,
+    pub aux_writes_posted: u64,
+    pub backpressure: u64,
+}
+
+#[derive(Debug)]
+pub struct Primary {
+    config: PrimaryConfig,
+    stopped: Option<PrimaryStop>,
+    dr_link_up: bool,
+    aux_up: bool,
+    ops: Box<[OpSlot]>,
+    ring: RingAllocator,
+    next_seq: Seq,
+    lag_bytes: u64,
+    // Cumulative cursors; see the module docs.
+    order_sent_through: Seq,
+    order_acked_through: Seq,
+    payload_posted_through: Seq,
+    payload_done_through: Seq,
+    aux_queued_done_through: Seq,
+    aux_replicated_done_through: Seq,
+    dr_landed_through: Seq,
+    dr_applied_through: Seq,
+    ring_released_through: Seq,
+    slots_released_through: Seq,
+    /// All ops up to here meet the mode's ack condition except, maybe, their local write.
+    ack_condition_through: Seq,
+    /// Last seq of each order batch in flight, oldest first; at most `order_batches_inflight_max`.
+    order_batches_inflight: VecDeque<Seq>,
+    order_batches_sent: u64,
+    order_buffers: Box<[u8]>,
+    /// One entries write (maybe split in two at the table's end) in flight at a time, so that
+    /// entries are never changed while the NIC may still be reading them.
+    aux_entries_inflight: u8,
+    aux_entries_inflight_targets: (Seq, Seq),
+    aux_area: Box<[u8]>,
+    heartbeat: Heartbeat,
+    heartbeat_inflight: bool,
+    heartbeat_sent_at: Option<Nanos>,
+    actions: Vec<PrimaryAction>,
+    stats: PrimaryStats,
+}
+
+const ORDER_BUFFER_BYTES: usize =
+    MESSAGE_HEADER_BYTES + ORDER_BATCH_RECORDS_MAX * ORDER_RECORD_BYTES;
+
+impl Primary {
+    /// A primary starting a new replication stream (seq 1), with the DR link and aux not yet up.
+    pub fn new(config: PrimaryConfig) -> Self {
+        config
+            .geometry
+            .validate()
+            .expect("geometry is validated by the caller");
+        assert!(
+            config.order_batch_records_max >= 1
+                && config.order_batch_records_max <= ORDER_BATCH_RECORDS_MAX
+        );
+        assert!(config.order_batches_inflight_max >= 1);
+        assert!(config.payload_writes_inflight_max >= 1);
+        assert!(
+            config.lag_ops_max >= 1
+                && config.lag_bytes_max >= u64::from(config.geometry.payload_bytes_max)
+        );
+        let geometry = config.geometry;
+        Primary {
+            config,
+            stopped: None,
+            dr_link_up: false,
+            aux_up: false,
+            ops: vec![OpSlot::default(); geometry.table_slots as usize].into_boxed_slice(),
+            ring: RingAllocator::new(geometry.ring_bytes, u64::from(geometry.sector_bytes)),
+            next_seq: 1,
+            lag_bytes: 0,
+            order_sent_through: 0,
+            order_acked_through: 0,
+            payload_posted_through: 0,
+            payload_done_through: 0,
+            aux_queued_done_through: 0,
+            aux_replicated_done_through: 0,
+            dr_landed_through: 0,
+            dr_applied_through: 0,
+            ring_released_through: 0,
+            slots_released_through: 0,
+            ack_condition_through: 0,
+            order_batches_inflight: VecDeque::with_capacity(config.order_batches_inflight_max),
+            order_batches_sent: 0,
+            order_buffers: vec![0; ORDER_BUFFER_BYTES * config.order_batches_inflight_max]
+                .into_boxed_slice(),
+            aux_entries_inflight: 0,
+            aux_entries_inflight_targets: (0, 0),
+            aux_area: vec![0; aux_primary_area_bytes(geometry.table_slots)].into_boxed_slice(),
+            heartbeat: Heartbeat {
+                counter: 0,
+                epoch: config.epoch,
+            },
+            heartbeat_inflight: false,
+            heartbeat_sent_at: None,
+            actions: Vec::with_capacity(64),
+            stats: PrimaryStats::default(),
+        }
+    }
+
+    // ----- getters -----
+
+    pub fn config(&self) -> &PrimaryConfig {
+        &self.config
+    }
+    pub fn stats(&self) -> PrimaryStats {
+        self.stats
+    }
+    pub fn stopped(&self) -> Option<PrimaryStop> {
+        self.stopped
+    }
+    pub fn last_seq(&self) -> Seq {
+        self.next_seq - 1
+    }
+    pub fn order_acked_through(&self) -> Seq {
+        self.order_acked_through
+    }
+    pub fn payload_done_through(&self) -> Seq {
+        self.payload_done_through
+    }
+    pub fn dr_applied_through(&self) -> Seq {
+        self.dr_applied_through
+    }
+    pub fn is_dr_link_up(&self) -> bool {
+        self.dr_link_up
+    }
+    /// Ops admitted whose payload has not reached the DR, and their bytes: the RPO right now.
+    pub fn lag(&self) -> (u64, u64) {
+        (self.last_seq() - self.payload_done_through, self.lag_bytes)
+    }
+    pub fn ring_used_bytes(&self) -> u64 {
+        self.ring.used_bytes()
+    }
+    /// The buffer named by `SendOrderBatch { buffer, .. }`.
+    pub fn order_batch(&self, buffer: usize) -> &[u8] {
+        &self.order_buffers[buffer * ORDER_BUFFER_BYTES..(buffer + 1) * ORDER_BUFFER_BYTES]
+    }
+    /// The primary's copy of the primary-writable area of the aux region (heartbeat + entries).
+    pub fn aux_area(&self) -> &[u8] {
+        &self.aux_area
+    }
+
+    /// Takes the actions produced so far, in the order they must be executed.
+    pub fn drain_actions(&mut self) -> std::vec::Drain<'_, PrimaryAction> {
+        self.actions.drain(..)
+    }
+
+    // ----- inputs -----
+
+    /// A client write of `data` at `volume_offset`. On success the caller copies `data` to the
+    /// staging ring at `Admitted::ring_offset` before executing the actions.
+    pub fn handle_client_write(
+        &mut self,
+        client_tag: u64,
+        volume_offset: u64,
+        data: &[u8],
+    ) -> Result<Admitted, WriteRefused> {
+        if self.stopped.is_some() {
+            return Err(WriteRefused::Stopped);
+        }
+        let geometry = self.config.geometry;
+        let len = u32::try_from(data.len()).map_err(|_| {
+            WriteRefused::Invalid(DecodeError::BadLength {
+                len: u32::MAX,
+                max: geometry.payload_bytes_max,
+            })
+        })?;
+        let probe = OrderRecord {
+            epoch: self.config.epoch,
+            seq: self.next_seq,
+            volume_offset,
+            ring_offset: 0,
+            len,
+            payload_crc: 0,
+        };
+        probe.validate(&geometry).map_err(WriteRefused::Invalid)?;
+
+        let in_table = self.next_seq - 1 - self.slots_released_through;
+        let limit = if in_table >= u64::from(geometry.table_slots) {
+            Some(Limit::TableSlots)
+        } else if self.last_seq() - self.payload_done_through >= self.config.lag_ops_max {
+            Some(Limit::LagOps)
+        } else if self.lag_bytes + u64::from(len) > self.config.lag_bytes_max {
+            Some(Limit::LagBytes)
+        } else {
+            None
+        };
+        if let Some(limit) = limit {
+            self.stats.backpressure += 1;
+            return Err(WriteRefused::Backpressure(limit));
+        }
+        let Some(span) = self.ring.allocate(u64::from(len)) else {
+            self.stats.backpressure += 1;
+            return Err(WriteRefused::Backpressure(Limit::RingBytes));
+        };
+
+        let seq = self.next_seq;
+        self.next_seq += 1;
+        self.lag_bytes += u64::from(len);
+        let slot = geometry.slot_of(seq);
+        debug_assert!(
+            self.ops[slot].seq == 0 || self.ops[slot].seq + u64::from(geometry.table_slots) == seq
+        );
+        self.ops[slot] = OpSlot {
+            seq,
+            volume_offset,
+            ring_offset: span.ring_offset,
+            alloc_end: span.alloc_end,
+            len,
+            payload_crc: crc32c(data),
+            client_tag,
+            local_done: false,
+            answered: false,
+        };
+        self.stats.admitted += 1;
+        self.actions.push(PrimaryAction::LocalWrite {
+            seq,
+            volume_offset,
+            ring_offset: span.ring_offset,
+            len,
+        });
+        self.pump();
+        Ok(Admitted {
+            seq,
+            ring_offset: span.ring_offset,
+        })
+    }
+
+    pub fn handle_local_write_done(&mut self, seq: Seq) {
+        let slot = self.live_slot(seq);
+        assert!(
+            !self.ops[slot].local_done,
+            "local write {seq} completed twice"
+        );
+        self.ops[slot].local_done = true;
+        if seq <= self.ack_condition_through {
+            self.answer(seq, true);
+        }
+        self.release();
+    }
+
+    /// The local volume failed a write: the volume is in an unknown state, so stop.
+    pub fn handle_local_write_failed(&mut self, seq: Seq) {
+        self.stop(PrimaryStop::LocalWriteFailed { seq });
+    }
+
+    /// A message from the DR (ack, hello or refusal). Bad input is returned as an error and
+    /// changes nothing; impossible content (acks for ops never sent) stops the primary.
+    pub fn handle_dr_message(&mut self, bytes: &[u8]) -> Result<(), DecodeError> {
+        let message = Message::decode(bytes)?;
+        if self.stopped.is_some() {
+            return Ok(());
+        }
+        let epoch = message.header.epoch;
+        match message.header.kind {
+            MessageKind::OrderBatch => {
+                return Err(DecodeError::UnknownKind {
+                    found: MessageKind::OrderBatch as u8,
+                })
+            }
+            MessageKind::Refused => {
+                let refusal = Refusal::decode(message.body)?;
+                match refusal.reason {
+                    RefusalReason::StaleEpoch | RefusalReason::Fenced => {
+                        self.stop(PrimaryStop::FencedByDr {
+                            dr_epoch: refusal.dr_epoch,
+                        })
+                    }
+                    RefusalReason::Invalid => {
+                        self.stop(PrimaryStop::RefusedInvalid { seq: refusal.seq })
+                    }
+                }
+                return Ok(());
+            }
+            MessageKind::DrAck | MessageKind::DrHello => {}
+        }
+        if epoch > self.config.epoch {
+            self.stop(PrimaryStop::FencedByDr { dr_epoch: epoch });
+            return Ok(());
+        }
+        if epoch < self.config.epoch {
+            return Err(DecodeError::StaleEpoch {
+                got: epoch,
+                current: self.config.epoch,
+            });
+        }
+        let state = DrState::decode(message.body)?;
+        state.check_geometry(&self.config.geometry)?;
+        let hello = message.header.kind == MessageKind::DrHello;
+        // The DR can only hold what we sent, and never forgets what it acked (its log is
+        // persistent). Either breach means replication can no longer be trusted.
+        let sent_through = if hello {
+            self.last_seq()
+        } else {
+            self.order_sent_through
+        };
+        if state.held_through > sent_through
+            || state.held_through < self.order_acked_through
+            || state.applied_through < self.dr_applied_through
+        {
+            self.stop(PrimaryStop::ProtocolViolation);
+            return Ok(());
+        }
+        if hello {
+            // After (re)connect: resend every order record the DR lacks and every payload it has
+            // not verified; what is re-sent lands at the same ring position with the same bytes.
+            self.dr_link_up = true;
+            self.order_batches_inflight.clear();
+            self.order_sent_through = state.held_through;
+            self.payload_posted_through = state.landed_through;
+            self.advance_payload_done(state.landed_through);
+        } else {
+            while self
+                .order_batches_inflight
+                .front()
+                .is_some_and(|&last| last <= state.held_through)
+            {
+                self.order_batches_inflight.pop_front();
+            }
+        }
+        self.order_acked_through = state.held_through;
+        self.dr_landed_through = self.dr_landed_through.max(state.landed_through);
+        self.dr_applied_through = state.applied_through;
+        self.pump();
+        Ok(())
+    }
+
+    /// The payload write of `seq` completed: its bytes are placed in the DR's ring.
+    pub fn handle_payload_write_done(&mut self, seq: Seq) {
+        if self.stopped.is_some() || seq <= self.payload_done_through {
+            return; // A duplicate from a resend after reconnect.
+        }
+        assert_eq!(
+            seq,
+            self.payload_done_through + 1,
+            "payload completions arrive in posting order"
+        );
+        assert!(
+            seq <= self.payload_posted_through,
+            "completion for a payload write never posted"
+        );
+        self.advance_payload_done(seq);
+        self.pump();
+    }
+
+    /// The DR link failed (error completion, connection loss). Nothing in flight on it can be
+    /// trusted to have arrived; the DR's hello after reconnect tells what did.
+    pub fn handle_dr_link_down(&mut self) {
+        self.dr_link_up = false;
+        self.order_batches_inflight.clear();
+        self.order_sent_through = self.order_acked_through;
+        self.payload_posted_through = self.payload_done_through;
+        self.pump();
+    }
+
+    pub fn handle_aux_write_done(&mut self, tag: AuxWriteTag) {
+        if self.stopped.is_some() {
+            return;
+        }
+        match tag {
+            AuxWriteTag::Heartbeat => {
+                assert!(self.heartbeat_inflight);
+                self.heartbeat_inflight = false;
+            }
+            AuxWriteTag::Entries => {
+                assert!(
+                    self.aux_entries_inflight > 0,
+                    "aux entries completion without a write"
+                );
+                self.aux_entries_inflight -= 1;
+                if self.aux_entries_inflight == 0 {
+                    let (queued, replicated) = self.aux_entries_inflight_targets;
+                    self.aux_queued_done_through = self.aux_queued_done_through.max(queued);
+                    self.aux_replicated_done_through =
+                        self.aux_replicated_done_through.max(replicated);
+                }
+            }
+        }
+        self.pump();
+    }
+
+    /// An aux write failed. A remote-access error means the aux revoked our access: we are fenced.
+    pub fn handle_aux_write_failed(&mut self, remote_access_error: bool) {
+        if remote_access_error {
+            self.stop(PrimaryStop::FencedByAux);
+            return;
+        }
+        self.aux_up = false;
+        self.aux_entries_inflight = 0;
+        self.heartbeat_inflight = false;
+        self.pump();
+    }
+
+    /// The aux is reachable (again). Its region survived (memory-mapped file) but writes in
+    /// flight when it went away may be lost or torn, so every live entry is written again.
+    pub fn handle_aux_up(&mut self) {
+        self.aux_up = true;
+        self.aux_entries_inflight = 0;
+        self.heartbeat_inflight = false;
+        self.aux_queued_done_through = self.slots_released_through;
+        self.aux_replicated_done_through = self.slots_released_through;
+        self.pump();
+    }
+
+    /// Time passes: advance the heartbeat when due.
+    pub fn handle_tick(&mut self, now: Nanos) {
+        if self.stopped.is_some() || !self.aux_up || self.heartbeat_inflight {
+            return;
+        }
+        if self
+            .heartbeat_sent_at
+            .is_some_and(|at| now.saturating_sub(at) < self.config.heartbeat_interval_ns)
+        {
+            return;
+        }
+        self.heartbeat.counter += 1;
+        self.heartbeat
+            .encode(&mut self.aux_area[AUX_HEARTBEAT_OFFSET..]);
+        self.heartbeat_inflight = true;
+        self.heartbeat_sent_at = Some(now);
+        self.actions.push(PrimaryAction::WriteAux {
+            offset: AUX_HEARTBEAT_OFFSET,
+            len: crate::wire::HEARTBEAT_BYTES,
+            tag: AuxWriteTag::Heartbeat,
+        });
+    }
+
+    // ----- internals -----
+
+    fn live_slot(&self, seq: Seq) -> usize {
+        let slot = self.config.geometry.slot_of(seq);
+        assert_eq!(self.ops[slot].seq, seq, "op {seq} is not live");
+        slot
+    }
+
+    fn advance_payload_done(&mut self, through: Seq) {
+        let through = through.min(self.last_seq());
+        while self.payload_done_through < through {
+            self.payload_done_through += 1;
+            let slot = self.config.geometry.slot_of(self.payload_done_through);
+            self.lag_bytes -= u64::from(self.ops[slot].len);
+        }
+    }
+
+    fn degraded(&self) -> bool {
+        !self.dr_link_up && self.config.link_loss_policy == LinkLossPolicy::Degrade
+    }
+
+    fn order_ok_through(&self) -> Seq {
+        if self.config.mutations.is_on(Mutation::AckBeforeOrderAck) {
+            self.order_sent_through
+        } else {
+            self.order_acked_through
+        }
+    }
+
+    /// Every op up to the returned seq meets the mode's cumulative ack condition.
+    fn compute_ack_condition(&self) -> Seq {
+        let normal = match self.config.mode {
+            Mode::OrderSync => self.order_ok_through(),
+            Mode::Sync => self.order_ok_through().min(self.payload_done_through),
+            Mode::Async => self.aux_queued_done_through,
+        };
+        if self.degraded() {
+            normal.max(self.aux_queued_done_through)
+        } else {
+            normal
+        }
+    }
+
+    /// Runs everything that may have become possible after an input.
+    fn pump(&mut self) {
+        if self.stopped.is_some() {
+            return;
+        }
+        self.advance_acks();
+        self.release();
+        self.flush_order_batches();
+        self.flush_payloads();
+        self.flush_aux_entries();
+    }
+
+    fn advance_acks(&mut self) {
+        let condition = self.compute_ack_condition();
+        let previous = self.ack_condition_through;
+        self.ack_condition_through = condition;
+        if condition > previous {
+            for seq in previous.max(self.slots_released_through) + 1..=condition {
+                let slot = self.config.geometry.slot_of(seq);
+                if self.ops[slot].local_done && !self.ops[slot].answered {
+                    self.answer(seq, true);
+                }
+            }
+        }
+    }
+
+    fn answer(&mut self, seq: Seq, success: bool) {
+        let slot = self.live_slot(seq);
+        let degraded = self.config.mode == Mode::Async
+            || seq > self.order_ok_through()
+            || (self.config.mode == Mode::Sync && seq > self.payload_done_through);
+        let op = &mut self.ops[slot];
+        if op.answered {
+            return;
+        }
+        op.answered = true;
+        if success {
+            debug_assert!(op.local_done);
+            self.stats.acked += 1;
+            self.stats.acked_degraded += u64::from(degraded);
+            self.actions.push(PrimaryAction::AckClient {
+                seq,
+                client_tag: op.client_tag,
+                degraded,
+            });
+        } else {
+            self.actions.push(PrimaryAction::FailClient {
+                seq,
+                client_tag: op.client_tag,
+            });
+        }
+    }
+
+    /// Gives back ring space and table slots, oldest first (patent table 3).
+    fn release(&mut self) {
+        let ring_free_through = if self.config.mutations.is_on(Mutation::ReuseRingEarly) {
+            self.payload_done_through
+        } else {
+            self.dr_applied_through
+        };
+        while self.ring_released_through < ring_free_through {
+            let seq = self.ring_released_through + 1;
+            let slot = self.config.geometry.slot_of(seq);
+            // The local write reads the staging ring, so its span stays until that is done.
+            if !self.ops[slot].local_done {
+                break;
+            }
+            self.ring.release_through(self.ops[slot].alloc_end);
+            self.ring_released_through = seq;
+        }
+        let slot_free_through = self
+            .ring_released_through
+            .min(self.dr_applied_through)
+            .min(self.aux_replicated_done_through);
+        while self.slots_released_through < slot_free_through {
+            let seq = self.slots_released_through + 1;
+            let slot = self.config.geometry.slot_of(seq);
+            if !self.ops[slot].answered {
+                break;
+            }
+            self.ops[slot].seq = 0;
+            self.slots_released_through = seq;
+        }
+    }
+
+    fn flush_order_batches(&mut self) {
+        while self.dr_link_up
+            && self.order_sent_through < self.last_seq()
+            && self.order_batches_inflight.len() < self.config.order_batches_inflight_max
+        {
+            let first_seq = self.order_sent_through + 1;
+            let last_seq = self
+                .last_seq()
+                .min(self.order_sent_through + self.config.order_batch_records_max as u64);
+            let buffer =
+                (self.order_batches_sent % self.config.order_batches_inflight_max as u64) as usize;
+            let bytes = &mut self.order_buffers
+                [buffer * ORDER_BUFFER_BYTES..(buffer + 1) * ORDER_BUFFER_BYTES];
+            let count = (last_seq - first_seq + 1) as usize;
+            for (index, seq) in (first_seq..=last_seq).enumerate() {
+                let op = &self.ops[self.config.geometry.slot_of(seq)];
+                debug_assert_eq!(op.seq, seq);
+                let record = OrderRecord {
+                    epoch: self.config.epoch,
+                    seq,
+                    volume_offset: op.volume_offset,
+                    ring_offset: op.ring_offset,
+                    len: op.len,
+                    payload_crc: op.payload_crc,
+                };
+                let at = MESSAGE_HEADER_BYTES + index * ORDER_RECORD_BYTES;
+                record.encode(&mut bytes[at..at + ORDER_RECORD_BYTES]);
+            }
+            let len = Message::seal(
+                bytes,
+                MessageKind::OrderBatch,
+                count as u16,
+                self.config.epoch,
+                count * ORDER_RECORD_BYTES,
+            );
+            self.order_batches_sent += 1;
+            self.order_batches_inflight.push_back(last_seq);
+            self.order_sent_through = last_seq;
+            self.stats.order_batches_sent += 1;
+            self.stats.order_records_sent += count as u64;
+            self.actions.push(PrimaryAction::SendOrderBatch {
+                buffer,
+                len,
+                first_seq,
+                last_seq,
+            });
+        }
+    }
+
+    fn flush_payloads(&mut self) {
+        while self.dr_link_up
+            && self.payload_posted_through < self.last_seq()
+            // After a reconnect, payloads the DR has not verified are posted again even if their
+            // write had completed, so `posted` may be below `done` for a while.
+            && self.payload_posted_through.saturating_sub(self.payload_done_through) < self.config.payload_writes_inflight_max
+        {
+            let seq = self.payload_posted_through + 1;
+            let op = &self.ops[self.config.geometry.slot_of(seq)];
+            debug_assert_eq!(op.seq, seq);
+            self.actions.push(PrimaryAction::WritePayload {
+                seq,
+                ring_offset: op.ring_offset,
+                len: op.len,
+                imm: seq as u32,
+            });
+            self.payload_posted_through = seq;
+            self.stats.payload_writes_posted += 1;
+        }
+    }
+
+    /// Writes the status entries that changed since the last write, as one contiguous range of
+    /// the table (two writes when it wraps), with at most one such write in flight.
+    fn flush_aux_entries(&mut self) {
+        if !self.aux_up || self.aux_entries_inflight > 0 {
+            return;
+        }
+        let queued_target = self.last_seq();
+        let replicated_source = if self.config.mutations.is_on(Mutation::MarkReplicatedOnPost) {
+            self.payload_posted_through
+        } else {
+            self.payload_done_through
+        };
+        // "Replicated" needs both halves of the patent's condition: the data is at the DR (the
+        // payload write completed) and so is the order (acked), so the DR can apply it.
+        let replicated_target = replicated_source
+            .min(self.order_acked_through)
+            .max(self.aux_replicated_done_through);
+        debug_assert!(replicated_target <= queued_target);
+        let queued_dirty = queued_target > self.aux_queued_done_through;
+        let replicated_dirty = replicated_target > self.aux_replicated_done_through;
+        if !queued_dirty && !replicated_dirty {
+            return;
+        }
+        // The entries to write: new ops (queued) and ops that became replicated. Entries in
+        // between that did not change are written again with the same bytes, which keeps this
+        // one contiguous write.
+        let first_queued = if queued_dirty {
+            self.aux_queued_done_through + 1
+        } else {
+            Seq::MAX
+        };
+        let first_replicated = if replicated_dirty {
+            self.aux_replicated_done_through + 1
+        } else {
+            Seq::MAX
+        };
+        let first = first_queued
+            .min(first_replicated)
+            .max(self.slots_released_through + 1);
+        let last = if queued_dirty {
+            queued_target
+        } else {
+            replicated_target
+        };
+        if first > last {
+            return;
+        }
+        let geometry = self.config.geometry;
+        for seq in first..=last {
+            let op = &self.ops[geometry.slot_of(seq)];
+            debug_assert_eq!(op.seq, seq);
+            let status = if seq <= replicated_target {
+                PrimaryStatus::Replicated
+            } else {
+                PrimaryStatus::Queued
+            };
+            let entry = AuxEntry {
+                seq,
+                volume_offset: op.volume_offset,
+                epoch: self.config.epoch,
+                len: op.len,
+                status,
+            };
+            let at = AUX_ENTRIES_OFFSET + geometry.slot_of(seq) * AUX_ENTRY_BYTES;
+            entry.encode(&mut self.aux_area[at..at + AUX_ENTRY_BYTES]);
+        }
+        let first_slot = geometry.slot_of(first);
+        let count = (last - first + 1) as usize;
+        let until_end = geometry.table_slots as usize - first_slot;
+        let mut post = |slot: usize, entries: usize| {
+            self.actions.push(PrimaryAction::WriteAux {
+                offset: AUX_ENTRIES_OFFSET + slot * AUX_ENTRY_BYTES,
+                len: entries * AUX_ENTRY_BYTES,
+                tag: AuxWriteTag::Entries,
+            });
+            self.stats.aux_writes_posted += 1;
+        };
+        if count <= until_end {
+            post(first_slot, count);
+            self.aux_entries_inflight = 1;
+        } else {
+            post(first_slot, until_end);
+            post(0, count - until_end);
+            self.aux_entries_inflight = 2;
+        }
+        self.aux_entries_inflight_targets = (queued_target, replicated_target);
+    }
+
+    fn stop(&mut self, why: PrimaryStop) {
+        if self.stopped.is_some() {
+            return;
+        }
+        self.stopped = Some(why);
+        // Every write not yet answered fails: once fenced, no new write may be acknowledged (I5).
+        for seq in self.slots_released_through + 1..self.next_seq {
+            let slot = self.config.geometry.slot_of(seq);
+            if !self.ops[slot].answered {
+                self.answer(seq, false);
+            }
+        }
+        self.actions.push(PrimaryAction::Stopped(why));
+    }
+}

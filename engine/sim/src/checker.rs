@@ -1,0 +1,220 @@
+//! The invariants of SPEC §3, checked after a failover against what the world knows
+//! independently of the protocol: every byte every client wrote, when it was acknowledged, what
+//! the aux table said, and what the DR volume holds.
+//!
+//! Jepsen-style, every acknowledged write is classified as *applied* (its seq is within the
+//! recovered prefix), *reported lost* (listed with the right byte range in the loss report), or
+//! *silently lost* (neither: a bug).
+//!
+//! Some checks happen while the world runs, at the moment they are about (I3 when a payload is
+//! applied, I5 and I6 when a client is acknowledged); they are collected in the world's
+//! violation list and reported here too.
+
+use core::fmt;
+
+use ordinal_proto::Seq;
+
+use crate::world::{Phase, World};
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Violation {
+    I1Prefix(String),
+    I2Completeness(String),
+    I3Integrity(String),
+    I4SilentLoss(String),
+    I5Fencing(String),
+    I6SyncOrder(String),
+    /// The failover report is wrong about an op (range, order, duplicates).
+    Report(String),
+    /// A role refused honest input or stopped when it should not have.
+    Protocol(String),
+    /// The run did not finish.
+    Liveness(String),
+}
+
+impl fmt::Display for Violation {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let (name, text) = match self {
+            Violation::I1Prefix(text) => ("I1 prefix", text),
+            Violation::I2Completeness(text) => ("I2 completeness", text),
+            Violation::I3Integrity(text) => ("I3 integrity", text),
+            Violation::I4SilentLoss(text) => ("I4 exact loss report", text),
+            Violation::I5Fencing(text) => ("I5 fencing", text),
+            Violation::I6SyncOrder(text) => ("I6 sync order", text),
+            Violation::Report(text) => ("loss report", text),
+            Violation::Protocol(text) => ("protocol", text),
+            Violation::Liveness(text) => ("liveness", text),
+        };
+        write!(f, "{name}: {text}")
+    }
+}
+
+/// What a checked run came to.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Verdict {
+    pub violations: Vec<Violation>,
+    /// Client writes the primary admitted.
+    pub admitted: u64,
+    /// Acknowledged writes within the recovered prefix.
+    pub acked_applied: u64,
+    /// Acknowledged writes listed in the loss report.
+    pub acked_reported_lost: u64,
+    /// Acknowledged writes neither applied nor reported (each is also an I4 violation).
+    pub acked_silently_lost: u64,
+    /// The recovered prefix.
+    pub cut: Seq,
+    /// Target ops recovered from the ring during failover.
+    pub applied_from_ring: u64,
+}
+
+impl Verdict {
+    pub fn holds(&self) -> bool {
+        self.violations.is_empty()
+    }
+}
+
+/// The DR volume that applying ops `1..=cut` in order to the initial image gives.
+fn expected_image(world: &World, cut: Seq) -> Vec<u8> {
+    let mut image = world.initial_image.clone();
+    for op in &world.truth()[..cut as usize] {
+        let at = op.volume_offset as usize;
+        image[at..at + op.data.len()].copy_from_slice(&op.data);
+    }
+    image
+}
+
+pub fn check(world: &World) -> Verdict {
+    let mut verdict = Verdict {
+        violations: world.violations.clone(),
+        admitted: world.truth().len() as u64,
+        ..Verdict::default()
+    };
+    let Some(report) = world.report() else {
+        if world.phase() >= Phase::Promoted {
+            verdict.violations.push(Violation::Liveness(
+                "promoted without a failover report".into(),
+            ));
+        } else {
+            verdict.violations.push(Violation::Liveness(format!(
+                "no failover happened (phase {:?})",
+                world.phase()
+            )));
+        }
+        return verdict;
+    };
+    if world.phase() < Phase::Promoted {
+        verdict.violations.push(Violation::Liveness(format!(
+            "failover computed but the DR was not promoted (phase {:?})",
+            world.phase()
+        )));
+    }
+    let cut = report.cut;
+    verdict.cut = cut;
+    verdict.applied_from_ring = report.applied_from_ring;
+    let truth = world.truth();
+
+    // I1: the DR volume is the initial image with ops 1..=cut applied in order, exactly.
+    if cut > truth.len() as u64 {
+        verdict.violations.push(Violation::I1Prefix(format!(
+            "cut {cut} is beyond the {} ops ever admitted",
+            truth.len()
+        )));
+        return verdict;
+    }
+    let volume = world
+        .volume_at_promotion
+        .as_deref()
+        .unwrap_or(world.dr_volume());
+    if volume != expected_image(world, cut) {
+        let expected = expected_image(world, cut);
+        let first = volume
+            .iter()
+            .zip(&expected)
+            .position(|(a, b)| a != b)
+            .unwrap_or(0);
+        // Name the prefix the volume does match, if any, to make the failure readable.
+        let matching = (0..=truth.len() as u64).find(|&k| expected_image(world, k) == volume);
+        verdict.violations.push(Violation::I1Prefix(format!(
+            "DR volume differs from prefix {cut} at byte {first}; it matches prefix {matching:?}"
+        )));
+    }
+
+    // I2: nothing the aux recorded as replicated is lost.
+    for op in truth
+        .iter()
+        .filter(|op| op.aux_recorded_replicated && op.seq > cut)
+    {
+        verdict.violations.push(Violation::I2Completeness(format!(
+            "seq {} was recorded replicated on the aux but is beyond the cut {cut}",
+            op.seq
+        )));
+    }
+
+    // The report itself: strictly increasing seqs, all beyond the cut, ranges that match.
+    let mut previous = cut;
+    for lost in &report.lost {
+        if lost.seq <= previous {
+            verdict.violations.push(Violation::Report(format!(
+                "lost seq {} is not after {previous} (order, duplicate, or within the prefix)",
+                lost.seq
+            )));
+        }
+        previous = previous.max(lost.seq);
+        match truth.get(lost.seq as usize - 1) {
+            Some(op)
+                if op.volume_offset == lost.volume_offset && op.data.len() == lost.len as usize => {
+            }
+            Some(op) => verdict.violations.push(Violation::Report(format!(
+                "lost seq {} reported as {} bytes at {}, was {} bytes at {}",
+                lost.seq,
+                lost.len,
+                lost.volume_offset,
+                op.data.len(),
+                op.volume_offset
+            ))),
+            None => verdict.violations.push(Violation::Report(format!(
+                "lost seq {} was never admitted",
+                lost.seq
+            ))),
+        }
+    }
+
+    // I4: every acknowledged write is applied or reported, by seq and byte range.
+    for op in truth.iter().filter(|op| op.acked_at.is_some()) {
+        if op.seq <= cut {
+            verdict.acked_applied += 1;
+        } else if report
+            .lost
+            .binary_search_by_key(&op.seq, |lost| lost.seq)
+            .is_ok()
+        {
+            verdict.acked_reported_lost += 1;
+        } else {
+            verdict.acked_silently_lost += 1;
+            verdict.violations.push(Violation::I4SilentLoss(format!(
+                "seq {} ({} bytes at {}) was acknowledged{} but is neither applied nor reported",
+                op.seq,
+                op.data.len(),
+                op.volume_offset,
+                if op.acked_degraded { " (degraded)" } else { "" }
+            )));
+        }
+    }
+
+    // I5: after promotion nothing the old primary does reaches the DR volume or the aux table.
+    if let Some(at_promotion) = &world.volume_at_promotion {
+        if world.dr_volume() != &at_promotion[..] {
+            verdict.violations.push(Violation::I5Fencing(
+                "the DR volume changed after promotion".into(),
+            ));
+        }
+    }
+    if let (Some(at_fence), Some(now)) = (&world.aux_region_at_fence, world.aux_region_now()) {
+        if at_fence[..] != now[..] {
+            verdict.violations.push(Violation::I5Fencing(
+                "the aux table changed after it was fenced".into(),
+            ));
+        }
+    }
+    verdict
+}
