@@ -30,6 +30,8 @@ pub enum Violation {
     Protocol(String),
     /// The run did not finish.
     Liveness(String),
+    /// An assertion in the protocol or the world failed: a bug caught in the act.
+    Panic(String),
 }
 
 impl fmt::Display for Violation {
@@ -44,6 +46,7 @@ impl fmt::Display for Violation {
             Violation::Report(text) => ("loss report", text),
             Violation::Protocol(text) => ("protocol", text),
             Violation::Liveness(text) => ("liveness", text),
+            Violation::Panic(text) => ("panic", text),
         };
         write!(f, "{name}: {text}")
     }

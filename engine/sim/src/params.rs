@@ -63,8 +63,10 @@ pub struct Params {
     pub primary_end: PrimaryEnd,
     /// Faults at simulated times (they only fire while the primary is still running).
     pub faults: Vec<(Nanos, Fault)>,
-    /// Whether one-sided writes in flight at a fault land partially (MTU chunks in any subset).
-    pub torn_writes: bool,
+    /// What happens to traffic in flight when its connection breaks. `true`: SENDs arrive whole
+    /// or not at all, at random, and one-sided writes land partially (MTU chunks in any
+    /// subset). `false`: nothing in flight arrives (scripted scenarios use this to be exact).
+    pub partial_at_break: bool,
     pub mtu_bytes: usize,
     /// Stop with a liveness failure if the run is not over by this simulated time.
     pub time_limit_ns: Nanos,
@@ -104,7 +106,7 @@ impl Params {
             primary_end_after_events: None,
             primary_end: PrimaryEnd::Crash,
             faults: Vec::new(),
-            torn_writes: true,
+            partial_at_break: true,
             mtu_bytes: 256,
             time_limit_ns: 60_000_000_000,
             mutations: Mutations::NONE,
@@ -193,7 +195,7 @@ impl Params {
                 PrimaryEnd::CutFromAll,
             ]),
             faults,
-            torn_writes: true,
+            partial_at_break: true,
             mtu_bytes: rng.pick(&[128, 256, 512, 1024]),
             time_limit_ns: 30_000_000_000,
             mutations: Mutations::NONE,

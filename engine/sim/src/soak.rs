@@ -7,15 +7,23 @@ use std::time::{Duration, Instant};
 
 use ordinal_proto::Mutations;
 
-use crate::checker::Verdict;
+use crate::checker::{Verdict, Violation};
 use crate::params::Params;
 use crate::world::World;
 
-/// Runs one seed.
+/// Runs one seed. A panic (a failed assertion in the protocol or the world) is a violation like
+/// any other, reported with its message instead of tearing the soak down.
 pub fn run_seed(seed: u64, mutations: Mutations) -> Verdict {
     let mut params = Params::draw(seed);
     params.mutations = mutations;
-    World::new(params).run_to_end()
+    std::panic::catch_unwind(|| World::new(params).run_to_end()).unwrap_or_else(|panic| Verdict {
+        violations: vec![Violation::Panic(panic_message(&*panic))],
+        ..Verdict::default()
+    })
+}
+
+fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
+    panic.downcast_ref::<&str>().map(|s| s.to_string()).or_else(|| panic.downcast_ref::<String>().cloned()).unwrap_or_else(|| "non-string panic".into())
 }
 
 /// Runs one seed again with a trace of every step.
@@ -24,7 +32,8 @@ pub fn replay_seed(seed: u64, mutations: Mutations) -> (Verdict, Params, Vec<Str
     params.mutations = mutations;
     let mut world = World::new(params.clone());
     world.enable_trace();
-    let verdict = world.run_to_end();
+    let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| world.run_to_end()));
+    let verdict = outcome.unwrap_or_else(|panic| Verdict { violations: vec![Violation::Panic(panic_message(&*panic))], ..Verdict::default() });
     (verdict, params, world.take_trace())
 }
 

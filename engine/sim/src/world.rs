@@ -492,6 +492,24 @@ impl World {
         self.end_primary(PrimaryEnd::Crash);
     }
 
+    /// Cuts the live primary off from the aux (and, with `also_dr`, from the DR) now; the cut
+    /// heals a while after the DR is promoted (scenario tests).
+    pub fn cut_primary_off(&mut self, also_dr: bool) {
+        self.end_primary(if also_dr { PrimaryEnd::CutFromAll } else { PrimaryEnd::CutFromAux });
+    }
+
+    /// Kills the DR process now; it stays down until [`World::restart_dr`] (scenario tests).
+    pub fn crash_dr(&mut self) {
+        self.params.faults.push((self.now, Fault::DrCrash { down_ns: Nanos::MAX / 4 }));
+        let index = self.params.faults.len() - 1;
+        self.inject(index);
+    }
+
+    /// Restarts a crashed DR from its log and ring (scenario tests).
+    pub fn restart_dr(&mut self) {
+        self.restart(Node::Dr);
+    }
+
     /// Runs the whole failover (fence, read the aux table, recover, promote) and returns the
     /// report. Panics if it does not finish within a simulated minute.
     pub fn fail_over(&mut self) -> LossReport {
@@ -1144,7 +1162,7 @@ impl World {
     /// Which chunks of a write in flight made it when its connection broke.
     fn torn_chunks(&mut self, len: usize) -> Vec<bool> {
         let chunks = len.div_ceil(self.params.mtu_bytes);
-        if !self.params.torn_writes {
+        if !self.params.partial_at_break {
             return vec![false; chunks];
         }
         match self.rng.range(0, 3) {
@@ -1175,7 +1193,7 @@ impl World {
                 std::mem::replace(&mut self.flights[id].cargo, Cargo::PayloadDone { seq: 0 });
             match cargo {
                 Cargo::Send { bytes }
-                    if self.flights[id].path == Path::OrderToDr && self.rng.chance(1, 2) =>
+                    if self.flights[id].path == Path::OrderToDr && self.params.partial_at_break && self.rng.chance(1, 2) =>
                 {
                     if let Some(dr) = &mut self.dr {
                         let _ = dr.handle_order_batch(&bytes, &self.dr_ring);
@@ -1311,7 +1329,7 @@ impl World {
         let geometry = self.params.geometry;
         match node {
             Node::Dr => {
-                let log = self.dr_log_at_rest.take().expect("DR was down");
+                let Some(log) = self.dr_log_at_rest.take() else { return };
                 let config = DrConfig {
                     applies_inflight_max: self.params.applies_inflight_max,
                     mutations: self.params.mutations,
@@ -1334,7 +1352,7 @@ impl World {
                 }
             }
             Node::Aux => {
-                let region = self.aux_region_at_rest.take().expect("aux was down");
+                let Some(region) = self.aux_region_at_rest.take() else { return };
                 let config = AuxConfig {
                     geometry,
                     heartbeat_timeout_ns: self.params.heartbeat_timeout_ns,
