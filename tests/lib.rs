@@ -8,5 +8,10 @@ use ordinal_sim::soak;
 /// seed with its violations, if any.
 pub fn first_failure(first: u64, count: u64, mutations: Mutations) -> Option<(u64, Vec<String>)> {
     let summary = soak(first, count, 2, mutations, &|_| {});
-    summary.failure.map(|(seed, verdict)| (seed, verdict.violations.iter().map(ToString::to_string).collect()))
+    summary.failure.map(|(seed, verdict)| {
+        (
+            seed,
+            verdict.violations.iter().map(ToString::to_string).collect(),
+        )
+    })
 }

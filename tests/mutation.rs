@@ -14,7 +14,9 @@ fn expect_caught(mutation: Mutation, invariant_names: &[&str]) {
         panic!("{mutation:?} went unnoticed for {SEEDS_MAX} seeds");
     };
     assert!(
-        violations.iter().any(|v| invariant_names.iter().any(|name| v.starts_with(name))),
+        violations
+            .iter()
+            .any(|v| invariant_names.iter().any(|name| v.starts_with(name))),
         "{mutation:?} caught at seed {seed}, but not as {invariant_names:?}: {violations:#?}"
     );
 }
@@ -40,7 +42,10 @@ fn mutation_ack_before_order_ack_breaks_sync_order() {
 /// Reusing ring space before the DR applied its payload overwrites pending data.
 #[test]
 fn mutation_reuse_ring_early_breaks_integrity_or_completeness() {
-    expect_caught(Mutation::ReuseRingEarly, &["I3 integrity", "I2 completeness", "protocol"]);
+    expect_caught(
+        Mutation::ReuseRingEarly,
+        &["I3 integrity", "I2 completeness", "protocol"],
+    );
 }
 
 /// A DR that keeps serving the old epoch after promotion lets the old primary acknowledge.

@@ -19,7 +19,9 @@ fn world(mode: Mode) -> World {
 
 /// The bytes of op number `n`: distinct per op, so a wrong apply cannot go unnoticed.
 fn pattern(n: u8, len: usize) -> Vec<u8> {
-    (0..len).map(|i| n.wrapping_mul(31).wrapping_add(i as u8)).collect()
+    (0..len)
+        .map(|i| n.wrapping_mul(31).wrapping_add(i as u8))
+        .collect()
 }
 
 fn write(world: &mut World, n: u8) {
@@ -54,13 +56,23 @@ fn table1_replicated_ops_survive_and_a_queued_op_is_reported_lost() {
     assert_eq!(aux_status(&world, 1), Some(PrimaryStatus::Replicated));
     assert_eq!(aux_status(&world, 2), Some(PrimaryStatus::Replicated));
     assert_eq!(aux_status(&world, 3), Some(PrimaryStatus::Queued));
-    assert!(acked(&world, 3), "order-sync acknowledges once the DR holds the order");
+    assert!(
+        acked(&world, 3),
+        "order-sync acknowledges once the DR holds the order"
+    );
 
     world.crash_primary();
     let report = world.fail_over();
     assert_eq!(report.cut, 2);
     assert_eq!(report.lost.len(), 1);
-    assert_eq!((report.lost[0].seq, report.lost[0].volume_offset, report.lost[0].len), (3, 3 * 4096, 1024));
+    assert_eq!(
+        (
+            report.lost[0].seq,
+            report.lost[0].volume_offset,
+            report.lost[0].len
+        ),
+        (3, 3 * 4096, 1024)
+    );
     assert_eq!(report.lost[0].reason, LossReason::PayloadNotReplicated);
     assert_invariants_hold(&world);
 }
@@ -85,7 +97,11 @@ fn table2_order_is_synchronised_before_the_ack_even_without_data() {
     world.crash_primary();
     let report = world.fail_over();
     assert_eq!(report.cut, 0);
-    let lost: Vec<(Seq, u64)> = report.lost.iter().map(|l| (l.seq, l.volume_offset)).collect();
+    let lost: Vec<(Seq, u64)> = report
+        .lost
+        .iter()
+        .map(|l| (l.seq, l.volume_offset))
+        .collect();
     assert_eq!(lost, vec![(1, 4096), (2, 8192), (3, 12288)]);
     assert_invariants_hold(&world);
 }
@@ -105,13 +121,21 @@ fn table3_a_slot_is_reused_only_after_its_data_is_replicated() {
     }
     world.run_for(10 * MS);
     let primary = world.primary().expect("primary up");
-    assert_eq!(primary.last_seq(), 4, "the fifth write must wait for a free slot");
+    assert_eq!(
+        primary.last_seq(),
+        4,
+        "the fifth write must wait for a free slot"
+    );
     assert!(primary.stats().backpressure > 0);
 
     world.release(Path::PayloadToDr);
     world.run_for(20 * MS);
     assert_eq!(world.primary().expect("primary up").last_seq(), 5);
-    assert_eq!(world.aux_table_entry(5).map(|e| e.seq), Some(5), "op 5 now holds op 1's slot");
+    assert_eq!(
+        world.aux_table_entry(5).map(|e| e.seq),
+        Some(5),
+        "op 5 now holds op 1's slot"
+    );
     assert_eq!(world.aux_table_entry(1), None);
 
     world.crash_primary();
@@ -134,7 +158,11 @@ fn table4_a_target_op_is_recovered_from_the_ring() {
     world.hold(Path::DrNotify);
     write(&mut world, 3);
     world.run_for(10 * MS);
-    assert_eq!(world.dr().expect("DR up").landed_through(), 2, "the DR has not seen op 3 land");
+    assert_eq!(
+        world.dr().expect("DR up").landed_through(),
+        2,
+        "the DR has not seen op 3 land"
+    );
     assert_eq!(aux_status(&world, 3), Some(PrimaryStatus::Replicated));
 
     world.crash_primary();
@@ -142,7 +170,10 @@ fn table4_a_target_op_is_recovered_from_the_ring() {
     assert_eq!(report.cut, 3);
     assert_eq!(report.applied_from_ring, 1);
     assert!(report.lost.is_empty());
-    assert_eq!(&world.dr_volume()[3 * 4096..3 * 4096 + 1024], &pattern(3, 1024)[..]);
+    assert_eq!(
+        &world.dr_volume()[3 * 4096..3 * 4096 + 1024],
+        &pattern(3, 1024)[..]
+    );
     assert_invariants_hold(&world);
 }
 
@@ -163,7 +194,14 @@ fn a_queued_op_is_not_a_target_even_if_its_bytes_arrived() {
     world.crash_primary();
     let report = world.fail_over();
     assert_eq!(report.cut, 1);
-    assert_eq!(report.lost.iter().map(|l| (l.seq, l.reason)).collect::<Vec<_>>(), vec![(2, LossReason::PayloadNotReplicated)]);
+    assert_eq!(
+        report
+            .lost
+            .iter()
+            .map(|l| (l.seq, l.reason))
+            .collect::<Vec<_>>(),
+        vec![(2, LossReason::PayloadNotReplicated)]
+    );
     assert_invariants_hold(&world);
 }
 
@@ -184,7 +222,14 @@ fn async_mode_reports_an_acked_op_the_dr_never_heard_of() {
     world.crash_primary();
     let report = world.fail_over();
     assert_eq!(report.cut, 1);
-    assert_eq!(report.lost.iter().map(|l| (l.seq, l.volume_offset, l.reason)).collect::<Vec<_>>(), vec![(2, 2 * 4096, LossReason::OrderNotAtDr)]);
+    assert_eq!(
+        report
+            .lost
+            .iter()
+            .map(|l| (l.seq, l.volume_offset, l.reason))
+            .collect::<Vec<_>>(),
+        vec![(2, 2 * 4096, LossReason::OrderNotAtDr)]
+    );
     assert_invariants_hold(&world);
 }
 
@@ -218,7 +263,13 @@ fn a_cut_off_primary_is_fenced_and_acknowledges_nothing_after_promotion() {
     let report = world.fail_over();
     world.run_for(100 * MS);
     let stop = world.primary().expect("still running").stopped();
-    assert!(matches!(stop, Some(PrimaryStop::FencedByAux | PrimaryStop::FencedByDr { .. })), "{stop:?}");
+    assert!(
+        matches!(
+            stop,
+            Some(PrimaryStop::FencedByAux | PrimaryStop::FencedByDr { .. })
+        ),
+        "{stop:?}"
+    );
     assert!(report.cut >= 1);
     assert_invariants_hold(&world);
 }

@@ -9,13 +9,24 @@ use ordinal_sim::{run_seed, soak};
 fn ten_thousand_seeds_hold_every_invariant() {
     let summary = soak(0, 10_000, 2, Mutations::NONE, &|_| {});
     if let Some((seed, verdict)) = &summary.failure {
-        panic!("seed {seed} failed (replay: ordinal sim --seed {seed} --trace): {:#?}", verdict.violations);
+        panic!(
+            "seed {seed} failed (replay: ordinal sim --seed {seed} --trace): {:#?}",
+            verdict.violations
+        );
     }
     assert_eq!(summary.seeds, 10_000);
     // The soak is only worth something if it reaches the interesting cases: acknowledged writes
     // lost and reported, and target ops recovered from the ring at failover.
-    assert!(summary.acked_reported_lost > 1_000, "too few reported losses: {}", summary.acked_reported_lost);
-    assert!(summary.applied_from_ring > 1_000, "too few target ops recovered: {}", summary.applied_from_ring);
+    assert!(
+        summary.acked_reported_lost > 1_000,
+        "too few reported losses: {}",
+        summary.acked_reported_lost
+    );
+    assert!(
+        summary.applied_from_ring > 1_000,
+        "too few target ops recovered: {}",
+        summary.applied_from_ring
+    );
 }
 
 /// Seeds that found bugs, kept so the bugs stay fixed:
@@ -38,6 +49,9 @@ fn seeds_that_once_failed_hold() {
 #[test]
 fn a_seed_replays_exactly() {
     for seed in [1, 77, 12946] {
-        assert_eq!(run_seed(seed, Mutations::NONE), run_seed(seed, Mutations::NONE));
+        assert_eq!(
+            run_seed(seed, Mutations::NONE),
+            run_seed(seed, Mutations::NONE)
+        );
     }
 }

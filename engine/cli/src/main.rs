@@ -12,7 +12,11 @@ use clap::{Parser, Subcommand};
 mod sim;
 
 #[derive(Parser, Debug)]
-#[command(name = "ordinal", version, about = "Replication engine for disaster recovery of block volumes: synchronous order, asynchronous data.")]
+#[command(
+    name = "ordinal",
+    version,
+    about = "Replication engine for disaster recovery of block volumes: synchronous order, asynchronous data."
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,

@@ -41,8 +41,17 @@ pub fn run(args: SimArgs) -> Result<ExitCode, String> {
         }
         return report_one(&mut out, seed, &verdict);
     }
-    let threads = args.threads.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get())).max(1);
-    writeln!(out, "ordinal sim: seeds {}..{} on {threads} threads", args.first, args.first + args.seeds).map_err(|e| e.to_string())?;
+    let threads = args
+        .threads
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
+        .max(1);
+    writeln!(
+        out,
+        "ordinal sim: seeds {}..{} on {threads} threads",
+        args.first,
+        args.first + args.seeds
+    )
+    .map_err(|e| e.to_string())?;
     let progress = |done: u64| {
         if done % 100_000 == 0 {
             let _ = writeln!(std::io::stdout(), "  {done} seeds checked");
@@ -68,10 +77,15 @@ pub fn run(args: SimArgs) -> Result<ExitCode, String> {
         }
         Some((seed, _)) => {
             let (verdict, params, trace) = replay_seed(seed, Mutations::NONE);
-            writeln!(out, "FAILED at seed {seed}; parameters: {params:?}").map_err(|e| e.to_string())?;
+            writeln!(out, "FAILED at seed {seed}; parameters: {params:?}")
+                .map_err(|e| e.to_string())?;
             let skip = trace.len().saturating_sub(TRACE_TAIL_LINES);
             if skip > 0 {
-                writeln!(out, "... {skip} earlier steps (ordinal sim --seed {seed} --trace prints them all)").map_err(|e| e.to_string())?;
+                writeln!(
+                    out,
+                    "... {skip} earlier steps (ordinal sim --seed {seed} --trace prints them all)"
+                )
+                .map_err(|e| e.to_string())?;
             }
             for line in &trace[skip..] {
                 writeln!(out, "{line}").map_err(|e| e.to_string())?;
@@ -81,8 +95,13 @@ pub fn run(args: SimArgs) -> Result<ExitCode, String> {
     }
 }
 
-fn report_one(out: &mut impl Write, seed: u64, verdict: &ordinal_sim::Verdict) -> Result<ExitCode, String> {
-    let write = |out: &mut dyn Write, text: String| writeln!(out, "{text}").map_err(|e| e.to_string());
+fn report_one(
+    out: &mut impl Write,
+    seed: u64,
+    verdict: &ordinal_sim::Verdict,
+) -> Result<ExitCode, String> {
+    let write =
+        |out: &mut dyn Write, text: String| writeln!(out, "{text}").map_err(|e| e.to_string());
     write(
         out,
         format!(

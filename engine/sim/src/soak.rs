@@ -23,7 +23,11 @@ pub fn run_seed(seed: u64, mutations: Mutations) -> Verdict {
 }
 
 fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
-    panic.downcast_ref::<&str>().map(|s| s.to_string()).or_else(|| panic.downcast_ref::<String>().cloned()).unwrap_or_else(|| "non-string panic".into())
+    panic
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "non-string panic".into())
 }
 
 /// Runs one seed again with a trace of every step.
@@ -33,7 +37,10 @@ pub fn replay_seed(seed: u64, mutations: Mutations) -> (Verdict, Params, Vec<Str
     let mut world = World::new(params.clone());
     world.enable_trace();
     let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| world.run_to_end()));
-    let verdict = outcome.unwrap_or_else(|panic| Verdict { violations: vec![Violation::Panic(panic_message(&*panic))], ..Verdict::default() });
+    let verdict = outcome.unwrap_or_else(|panic| Verdict {
+        violations: vec![Violation::Panic(panic_message(&*panic))],
+        ..Verdict::default()
+    });
     (verdict, params, world.take_trace())
 }
 

@@ -495,12 +495,21 @@ impl World {
     /// Cuts the live primary off from the aux (and, with `also_dr`, from the DR) now; the cut
     /// heals a while after the DR is promoted (scenario tests).
     pub fn cut_primary_off(&mut self, also_dr: bool) {
-        self.end_primary(if also_dr { PrimaryEnd::CutFromAll } else { PrimaryEnd::CutFromAux });
+        self.end_primary(if also_dr {
+            PrimaryEnd::CutFromAll
+        } else {
+            PrimaryEnd::CutFromAux
+        });
     }
 
     /// Kills the DR process now; it stays down until [`World::restart_dr`] (scenario tests).
     pub fn crash_dr(&mut self) {
-        self.params.faults.push((self.now, Fault::DrCrash { down_ns: Nanos::MAX / 4 }));
+        self.params.faults.push((
+            self.now,
+            Fault::DrCrash {
+                down_ns: Nanos::MAX / 4,
+            },
+        ));
         let index = self.params.faults.len() - 1;
         self.inject(index);
     }
@@ -1193,7 +1202,9 @@ impl World {
                 std::mem::replace(&mut self.flights[id].cargo, Cargo::PayloadDone { seq: 0 });
             match cargo {
                 Cargo::Send { bytes }
-                    if self.flights[id].path == Path::OrderToDr && self.params.partial_at_break && self.rng.chance(1, 2) =>
+                    if self.flights[id].path == Path::OrderToDr
+                        && self.params.partial_at_break
+                        && self.rng.chance(1, 2) =>
                 {
                     if let Some(dr) = &mut self.dr {
                         let _ = dr.handle_order_batch(&bytes, &self.dr_ring);
@@ -1329,7 +1340,9 @@ impl World {
         let geometry = self.params.geometry;
         match node {
             Node::Dr => {
-                let Some(log) = self.dr_log_at_rest.take() else { return };
+                let Some(log) = self.dr_log_at_rest.take() else {
+                    return;
+                };
                 let config = DrConfig {
                     applies_inflight_max: self.params.applies_inflight_max,
                     mutations: self.params.mutations,
@@ -1352,7 +1365,9 @@ impl World {
                 }
             }
             Node::Aux => {
-                let Some(region) = self.aux_region_at_rest.take() else { return };
+                let Some(region) = self.aux_region_at_rest.take() else {
+                    return;
+                };
                 let config = AuxConfig {
                     geometry,
                     heartbeat_timeout_ns: self.params.heartbeat_timeout_ns,

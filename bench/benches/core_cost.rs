@@ -1,0 +1,84 @@
+//! Cost of the protocol core per write, primary and DR together on one core, no I/O.
+//!
+//! Run: `cargo bench -p ordinal-bench --bench core_cost`
+//!
+//! Prints, per payload size and mode, the write rate and the cost per write as hdrhistogram
+//! percentiles over repeated runs, and next to it a baseline measured in the same run: the
+//! bare CRC-32C of the payload twice (primary computes, DR verifies), the floor no protocol
+//! with end-to-end payload checksums can go below.
+
+use std::hint::black_box;
+use std::time::Instant;
+
+use hdrhistogram::Histogram;
+use ordinal_bench::core_loop::{run, CoreLoopConfig};
+use ordinal_proto::checksum::crc32c;
+use ordinal_proto::Mode;
+
+const WRITES_PER_RUN: u64 = 400_000;
+const RUNS: usize = 7;
+
+fn main() {
+    println!("protocol core, primary + DR state machines on one core, no I/O; {RUNS} runs of {WRITES_PER_RUN} writes each, queue depth 32");
+    println!(
+        "{:>8} {:>11} {:>12} {:>10} {:>10} {:>10} {:>14} {:>8}",
+        "payload",
+        "mode",
+        "Mops/s p50",
+        "ns/op p50",
+        "ns/op min",
+        "ns/op max",
+        "2xCRC ns/op",
+        "ratio"
+    );
+    for payload_bytes in [512usize, 4096, 65536] {
+        let crc_ns = crc_baseline_ns(payload_bytes);
+        for mode in Mode::ALL {
+            let mut histogram = Histogram::<u64>::new(3).expect("3 significant digits");
+            for _ in 0..RUNS {
+                let started = Instant::now();
+                let acked = run(CoreLoopConfig {
+                    payload_bytes,
+                    queue_depth: 32,
+                    writes: WRITES_PER_RUN,
+                    mode,
+                });
+                let elapsed = started.elapsed();
+                assert_eq!(acked, WRITES_PER_RUN);
+                // Picoseconds per op, so that 3 significant digits keep sub-nanosecond detail.
+                histogram
+                    .record((elapsed.as_nanos() * 1000 / u128::from(WRITES_PER_RUN)) as u64)
+                    .expect("in range");
+            }
+            let ns = |ps: u64| ps as f64 / 1000.0;
+            let p50 = ns(histogram.value_at_quantile(0.5));
+            println!(
+                "{:>8} {:>11} {:>12.2} {:>10.1} {:>10.1} {:>10.1} {:>14.1} {:>8.2}",
+                payload_bytes,
+                mode.name(),
+                1e3 / p50,
+                p50,
+                ns(histogram.min()),
+                ns(histogram.max()),
+                crc_ns,
+                p50 / crc_ns
+            );
+        }
+    }
+}
+
+/// Nanoseconds for two CRC-32Cs of a payload, best of several runs.
+fn crc_baseline_ns(payload_bytes: usize) -> f64 {
+    let payload = vec![0xA5u8; payload_bytes];
+    let rounds = (64 << 20) / payload_bytes;
+    (0..5)
+        .map(|_| {
+            let started = Instant::now();
+            for _ in 0..rounds {
+                black_box(crc32c(black_box(&payload)));
+                black_box(crc32c(black_box(&payload)));
+            }
+            started.elapsed().as_nanos() as f64 / rounds as f64
+        })
+        .fold(f64::MAX, f64::min)
+}

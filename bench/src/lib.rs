@@ -1,0 +1,5 @@
+//! Benchmark harnesses for ordinal. Each benchmark prints its figures (hdrhistogram percentiles
+//! at 3 significant digits, and ratios against a baseline measured in the same run); none of
+//! them is a timed test.
+
+pub mod core_loop;
