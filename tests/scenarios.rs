@@ -301,3 +301,35 @@ fn a_dr_crash_and_restart_loses_nothing() {
     assert!(report.lost.is_empty());
     assert_invariants_hold(&world);
 }
+
+/// The lease: a primary cut off from the aux (but still reaching the DR) keeps acknowledging
+/// only while its last confirmed heartbeat is recent. Once the lease has run out it holds every
+/// acknowledgement, although the DR still acks its order records, so nothing it acknowledges
+/// can come after the DR's promotion (I5). The held write is not lost (its data reached the
+/// DR, which applies it); it is simply never acknowledged, which a client must allow for.
+#[test]
+fn a_primary_without_a_lease_acknowledges_nothing() {
+    let mut world = world(Mode::OrderSync);
+    write(&mut world, 1);
+    world.run_for(5 * MS);
+    assert!(acked(&world, 1));
+    world.cut_primary_off(false);
+    world.run_for(12 * MS); // Longer than the lease (half the 20 ms heartbeat timeout).
+    write(&mut world, 2);
+    world.run_for(5 * MS);
+    assert_eq!(
+        world.dr().expect("DR up").held_through(),
+        2,
+        "the DR holds op 2's order"
+    );
+    assert!(!acked(&world, 2), "acknowledged without a lease");
+
+    let report = world.fail_over();
+    world.run_for(100 * MS);
+    assert!(!acked(&world, 2));
+    assert_eq!(
+        report.cut, 2,
+        "op 2's payload reached the DR: it is applied, though never acknowledged"
+    );
+    assert_invariants_hold(&world);
+}

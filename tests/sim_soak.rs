@@ -36,10 +36,18 @@ fn ten_thousand_seeds_hold_every_invariant() {
 /// - 3376: a restarted DR did not resume applying, and the primary's ring stayed full;
 /// - 3582: a restarted aux fenced a live primary that had not yet reconnected (legitimate; the
 ///   simulator had called it a bug);
-/// - 12946: status writes landing out of order at a crash made the DR drop replicated ops.
+/// - 12946: status writes landing out of order at a crash made the DR drop replicated ops;
+/// - 2092821: a primary cut off from the aux acknowledged a write after the DR was promoted
+///   (its order was held, its local write finished late); fixed with the primary's lease;
+/// - 17163: the checker took a sync-mode payload that had landed, been applied and overwritten
+///   for one that never arrived (checker bug);
+/// - 33055: a lease that lapsed and was renewed between two acknowledgement passes left two
+///   ops unacknowledged for good.
 #[test]
 fn seeds_that_once_failed_hold() {
-    for seed in [6, 30, 34, 52, 63, 3013, 3376, 3582, 12946] {
+    for seed in [
+        6, 30, 34, 52, 63, 3013, 3376, 3582, 12946, 17163, 33055, 2_092_821,
+    ] {
         let verdict = run_seed(seed, Mutations::NONE);
         assert!(verdict.holds(), "seed {seed}: {:#?}", verdict.violations);
     }

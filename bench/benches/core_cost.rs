@@ -15,11 +15,16 @@ use ordinal_bench::core_loop::{run, CoreLoopConfig};
 use ordinal_proto::checksum::crc32c;
 use ordinal_proto::Mode;
 
-const WRITES_PER_RUN: u64 = 400_000;
 const RUNS: usize = 7;
 
 fn main() {
-    println!("protocol core, primary + DR state machines on one core, no I/O; {RUNS} runs of {WRITES_PER_RUN} writes each, queue depth 32");
+    // ORDINAL_BENCH_WRITES shortens a run (for profiling under callgrind, say).
+    let writes_per_run: u64 = std::env::var("ORDINAL_BENCH_WRITES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(400_000);
+    let only_small = std::env::var_os("ORDINAL_BENCH_SMALL_ONLY").is_some();
+    println!("protocol core, primary + DR state machines on one core, no I/O; {RUNS} runs of {writes_per_run} writes each, queue depth 32");
     println!(
         "{:>8} {:>11} {:>12} {:>10} {:>10} {:>10} {:>14} {:>8}",
         "payload",
@@ -31,7 +36,12 @@ fn main() {
         "2xCRC ns/op",
         "ratio"
     );
-    for payload_bytes in [512usize, 4096, 65536] {
+    let sizes: &[usize] = if only_small {
+        &[512]
+    } else {
+        &[512, 4096, 65536]
+    };
+    for &payload_bytes in sizes {
         let crc_ns = crc_baseline_ns(payload_bytes);
         for mode in Mode::ALL {
             let mut histogram = Histogram::<u64>::new(3).expect("3 significant digits");
@@ -40,14 +50,14 @@ fn main() {
                 let acked = run(CoreLoopConfig {
                     payload_bytes,
                     queue_depth: 32,
-                    writes: WRITES_PER_RUN,
+                    writes: writes_per_run,
                     mode,
                 });
                 let elapsed = started.elapsed();
-                assert_eq!(acked, WRITES_PER_RUN);
+                assert_eq!(acked, writes_per_run);
                 // Picoseconds per op, so that 3 significant digits keep sub-nanosecond detail.
                 histogram
-                    .record((elapsed.as_nanos() * 1000 / u128::from(WRITES_PER_RUN)) as u64)
+                    .record((elapsed.as_nanos() * 1000 / u128::from(writes_per_run)) as u64)
                     .expect("in range");
             }
             let ns = |ps: u64| ps as f64 / 1000.0;

@@ -11,7 +11,10 @@ use std::collections::VecDeque;
 
 use ordinal_proto::dr::{dr_log_bytes, Dr, DrAction, DrConfig};
 use ordinal_proto::primary::{AuxWriteTag, Primary, PrimaryAction, PrimaryConfig, WriteRefused};
-use ordinal_proto::{Geometry, Mode};
+use ordinal_proto::{Geometry, Mode, Nanos};
+
+/// Time stands still in this loop: only the cost of the logic is measured.
+const NOW: Nanos = 0;
 
 /// What happens next in the loop. Kept in a FIFO so that writes in flight accumulate and the
 /// primary batches them, as it would under load.
@@ -44,6 +47,7 @@ pub fn run(config: CoreLoopConfig) -> u64 {
         payload_bytes_max: 1 << 20,
     };
     let primary_config = PrimaryConfig {
+        lease_ns: Nanos::MAX / 4,
         order_batch_records_max: 64,
         order_batches_inflight_max: 8,
         payload_writes_inflight_max: 256,
@@ -68,13 +72,15 @@ pub fn run(config: CoreLoopConfig) -> u64 {
     let mut primary_actions: Vec<PrimaryAction> = Vec::with_capacity(256);
     let mut dr_actions: Vec<DrAction> = Vec::with_capacity(256);
 
-    primary.handle_aux_up();
+    primary.handle_aux_up(NOW);
+    // One heartbeat, confirmed below, gives a lease longer than the run.
+    primary.handle_tick(NOW);
     dr.handle_peer_connected();
     dr_actions.extend(dr.drain_actions());
     for action in dr_actions.drain(..) {
         if let DrAction::Send(message) = action {
             primary
-                .handle_dr_message(message.as_bytes())
+                .handle_dr_message(message.as_bytes(), NOW)
                 .expect("hello");
         }
     }
@@ -84,7 +90,7 @@ pub fn run(config: CoreLoopConfig) -> u64 {
     while acked < config.writes {
         while outstanding < config.queue_depth && issued < config.writes {
             let offset = (issued % volume_slots) * config.payload_bytes as u64;
-            match primary.handle_client_write(issued, offset, &payload) {
+            match primary.handle_client_write(issued, offset, &payload, NOW) {
                 Ok(admitted) => {
                     // The runtime copies the client's bytes into the staging ring here.
                     let at = admitted.ring_offset as usize;
@@ -120,21 +126,21 @@ pub fn run(config: CoreLoopConfig) -> u64 {
             continue;
         };
         match step {
-            Step::LocalDone(seq) => primary.handle_local_write_done(seq),
+            Step::LocalDone(seq) => primary.handle_local_write_done(seq, NOW),
             Step::OrderBatch { buffer, len } => {
                 let bytes = &primary.order_batch(buffer)[..len];
                 dr.handle_order_batch(bytes, &ring).expect("valid batch");
             }
             Step::PayloadLanded { seq, imm } => {
-                primary.handle_payload_write_done(seq);
+                primary.handle_payload_write_done(seq, NOW);
                 dr.handle_payload_landed(imm, &ring)
                     .expect("payload verifies");
             }
             Step::DrMessage(message) => primary
-                .handle_dr_message(message.as_bytes())
+                .handle_dr_message(message.as_bytes(), NOW)
                 .expect("valid DR message"),
             Step::ApplyDone(seq) => dr.handle_apply_done(seq),
-            Step::AuxDone(tag) => primary.handle_aux_write_done(tag),
+            Step::AuxDone(tag) => primary.handle_aux_write_done(tag, NOW),
         }
         dr_actions.extend(dr.drain_actions());
         for action in dr_actions.drain(..) {

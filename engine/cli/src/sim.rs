@@ -52,12 +52,15 @@ pub fn run(args: SimArgs) -> Result<ExitCode, String> {
         args.first + args.seeds
     )
     .map_err(|e| e.to_string())?;
+    // Workers print progress themselves, so stdout must not stay locked while they run.
+    drop(out);
     let progress = |done: u64| {
         if done % 100_000 == 0 {
-            let _ = writeln!(std::io::stdout(), "  {done} seeds checked");
+            println!("  {done} seeds checked");
         }
     };
     let summary = soak(args.first, args.seeds, threads, Mutations::NONE, &progress);
+    let mut out = std::io::stdout().lock();
     writeln!(
         out,
         "{} seeds in {:.1} s ({:.0} seeds/s): {} writes admitted, {} acknowledged and applied, {} acknowledged and reported lost, {} recovered from the ring at failover",

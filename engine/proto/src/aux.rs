@@ -169,11 +169,26 @@ impl<R: AsRef<[u8]> + AsMut<[u8]>> Aux<R> {
     }
 
     /// The DR asks to fence the primary (manual failover, or the DR lost the primary). The
-    /// answer is always the frozen table; fencing twice is harmless.
-    pub fn handle_fence_request(&mut self) {
+    /// primary's access is revoked at once (fencing twice is harmless), so it can no longer renew
+    /// its lease. The table may be handed to the DR only once that lease has surely run out:
+    /// a whole heartbeat timeout after the aux last saw the heartbeat change. Returns the time
+    /// from which the frozen table may be handed over (now or later; ask again then).
+    pub fn handle_fence_request(&mut self, now: Nanos) -> Nanos {
         if self.fence_cause.is_none() {
+            // The heartbeat may have moved since the last tick: take it into account first.
+            let heartbeat = self.read_heartbeat();
+            if heartbeat != self.last_heartbeat {
+                self.last_heartbeat = heartbeat;
+                self.last_change_at = now;
+            }
             self.fence(FenceCause::Requested);
         }
+        self.table_handover_at()
+    }
+
+    /// When the primary's lease has surely run out, after a fence.
+    pub fn table_handover_at(&self) -> Nanos {
+        self.last_change_at + self.config.heartbeat_timeout_ns
     }
 
     fn fence(&mut self, cause: FenceCause) {

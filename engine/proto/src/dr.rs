@@ -234,6 +234,12 @@ pub struct Dr<L> {
     /// Payloads whose write-with-immediate arrived before their order record (the two travel on
     /// different queue pairs, which are not ordered with each other). Indexed by table slot.
     landed_early: Box<[bool]>,
+    /// The log's slots as decoded values, kept in step with every write to the log. The log is
+    /// the persistent truth and is read back only at open; hot paths read this copy instead of
+    /// decoding (and checksumming) a slot again each time they look at it.
+    slots: Box<[Option<(OrderRecord, Option<DrStatusEntry>)>]>,
+    /// Records of the batch being stored, decoded once by the check (at most a batch's worth).
+    batch: Vec<OrderRecord>,
     actions: Vec<DrAction>,
     stats: DrStats,
 }
@@ -313,9 +319,14 @@ impl<L: AsRef<[u8]> + AsMut<[u8]>> Dr<L> {
             apply_posted_through: 0,
             last_reported_applied: 0,
             landed_early: vec![false; geometry.table_slots as usize].into_boxed_slice(),
+            slots: Vec::new().into_boxed_slice(),
+            batch: Vec::with_capacity(crate::wire::ORDER_BATCH_RECORDS_MAX),
             actions: Vec::with_capacity(32),
             stats: DrStats::default(),
         };
+        dr.slots = (0..geometry.table_slots as usize)
+            .map(|slot| read_log_slot(dr.log.as_ref(), slot))
+            .collect();
         dr.recover_cursors(ring);
         // Payloads found landed must be applied now: waiting for the next message could wait
         // forever, since the primary keeps their ring space (and stops admitting) until then.
@@ -372,10 +383,8 @@ impl<L: AsRef<[u8]> + AsMut<[u8]>> Dr<L> {
                 .read_slot(self.config.geometry.slot_of(seq))
                 .expect("held slot decodes");
             let landed = status.is_some_and(|s| s.seq == seq && s.status >= DrStatus::Landed);
-            if landed || self.payload_matches(&record, ring) {
+            if !landed && self.payload_matches(&record, ring) {
                 self.write_status(seq, DrStatus::Landed);
-            } else {
-                self.write_status(seq, DrStatus::NotReplicated);
             }
         }
         self.advance_landed();
@@ -421,7 +430,8 @@ impl<L: AsRef<[u8]> + AsMut<[u8]>> Dr<L> {
 
     /// The order record the DR holds for `seq`, if any (for checkers and `ordinal status`).
     pub fn held_record(&self, seq: Seq) -> Option<OrderRecord> {
-        log_record(self.log.as_ref(), &self.config.geometry, seq)
+        let (record, _) = self.read_slot(self.config.geometry.slot_of(seq))?;
+        (record.seq == seq).then_some(record)
     }
 
     pub fn drain_actions(&mut self) -> std::vec::Drain<'_, DrAction> {
@@ -467,41 +477,42 @@ impl<L: AsRef<[u8]> + AsMut<[u8]>> Dr<L> {
     /// An order batch arrived. It is stored whole or not at all; a bad batch is answered with a
     /// refusal and returned as an error, and the log is unchanged.
     pub fn handle_order_batch(&mut self, bytes: &[u8], ring: &[u8]) -> Result<(), DecodeError> {
-        match self.check_order_batch(bytes) {
-            Ok(()) => {}
-            Err((reason, first_seq, error)) => {
-                self.stats.refused += 1;
-                self.send_refusal(reason, first_seq);
-                return Err(error);
-            }
+        let mut batch = std::mem::take(&mut self.batch);
+        batch.clear();
+        let checked = self.check_order_batch(bytes, &mut batch);
+        if let Err((reason, first_seq, error)) = checked {
+            self.batch = batch;
+            self.stats.refused += 1;
+            self.send_refusal(reason, first_seq);
+            return Err(error);
         }
-        let message = Message::decode(bytes).expect("checked above");
+        let body = &bytes[MESSAGE_HEADER_BYTES..];
         self.stats.batches_received += 1;
-        for index in 0..message.header.count as usize {
-            let at = index * ORDER_RECORD_BYTES;
-            let record = OrderRecord::decode(&message.body[at..at + ORDER_RECORD_BYTES])
-                .expect("checked above");
+        for (index, &record) in batch.iter().enumerate() {
             if record.seq <= self.held_through {
                 continue; // Resent after reconnect; identical, checked above.
             }
             debug_assert_eq!(record.seq, self.held_through + 1);
+            let at = index * ORDER_RECORD_BYTES;
             let slot = self.config.geometry.slot_of(record.seq);
             let log_at = 2 * REGION_HEADER_BYTES + slot * DR_LOG_SLOT_BYTES;
             self.log.as_mut()[log_at..log_at + ORDER_RECORD_BYTES]
-                .copy_from_slice(&message.body[at..at + ORDER_RECORD_BYTES]);
+                .copy_from_slice(&body[at..at + ORDER_RECORD_BYTES]);
+            // The slot's old status entry belongs to the op of the previous lap; it is replaced
+            // just below, and until then the copy says what the log says.
+            let old_status = self.slots[slot].and_then(|(_, status)| status);
+            self.slots[slot] = Some((record, old_status));
             let landed =
                 std::mem::take(&mut self.landed_early[slot]) && self.payload_matches(&record, ring);
-            self.write_status(
-                record.seq,
-                if landed {
-                    DrStatus::Landed
-                } else {
-                    DrStatus::NotReplicated
-                },
-            );
+            // "Not replicated" needs no write: a status entry whose seq is not the record's
+            // (left from the slot's previous lap) already says so.
+            if landed {
+                self.write_status(record.seq, DrStatus::Landed);
+            }
             self.held_through = record.seq;
             self.stats.records_stored += 1;
         }
+        self.batch = batch;
         self.advance_landed();
         self.schedule_applies();
         self.send_state(MessageKind::DrAck);
@@ -509,7 +520,12 @@ impl<L: AsRef<[u8]> + AsMut<[u8]>> Dr<L> {
     }
 
     /// Validates a whole batch against the log without changing anything.
-    fn check_order_batch(&self, bytes: &[u8]) -> Result<(), (RefusalReason, Seq, DecodeError)> {
+    /// The batch's records are decoded once, into `records`, for the caller to store.
+    fn check_order_batch(
+        &self,
+        bytes: &[u8],
+        records: &mut Vec<OrderRecord>,
+    ) -> Result<(), (RefusalReason, Seq, DecodeError)> {
         let invalid = |seq: Seq, error: DecodeError| (RefusalReason::Invalid, seq, error);
         let message = Message::decode(bytes).map_err(|error| invalid(0, error))?;
         let epoch = self.header.epoch;
@@ -631,6 +647,7 @@ impl<L: AsRef<[u8]> + AsMut<[u8]>> Dr<L> {
                     },
                 ));
             }
+            records.push(record);
         }
         Ok(())
     }
@@ -836,6 +853,8 @@ impl<L: AsRef<[u8]> + AsMut<[u8]>> Dr<L> {
             report.lost.extend(only_on_aux);
         }
         debug_assert!(report.lost.windows(2).all(|pair| pair[0].seq < pair[1].seq));
+        // Everything up to the cut is being applied, so it has landed (applied <= landed holds).
+        self.landed_through = self.landed_through.max(report.cut);
         self.role = DrRole::Recovering { cut: report.cut };
         if self.applied_through == report.cut {
             self.promote();
@@ -857,14 +876,23 @@ impl<L: AsRef<[u8]> + AsMut<[u8]>> Dr<L> {
     }
 
     fn read_slot(&self, slot: usize) -> Option<(OrderRecord, Option<DrStatusEntry>)> {
-        read_log_slot(self.log.as_ref(), slot)
+        debug_assert_eq!(
+            self.slots[slot],
+            read_log_slot(self.log.as_ref(), slot),
+            "slot copy out of step with the log"
+        );
+        self.slots[slot]
     }
 
     fn write_status(&mut self, seq: Seq, status: DrStatus) {
         let slot = self.config.geometry.slot_of(seq);
         let at = 2 * REGION_HEADER_BYTES + slot * DR_LOG_SLOT_BYTES + ORDER_RECORD_BYTES;
-        DrStatusEntry { seq, status }
-            .encode(&mut self.log.as_mut()[at..at + crate::wire::DR_STATUS_BYTES]);
+        let entry = DrStatusEntry { seq, status };
+        entry.encode(&mut self.log.as_mut()[at..at + crate::wire::DR_STATUS_BYTES]);
+        let cached = self.slots[slot]
+            .as_mut()
+            .expect("status is written only for a held record");
+        cached.1 = Some(entry);
     }
 
     fn payload_matches(&self, record: &OrderRecord, ring: &[u8]) -> bool {

@@ -55,12 +55,19 @@ pub struct PrimaryConfig {
     pub lag_bytes_max: u64,
     /// How often the heartbeat on the aux is advanced.
     pub heartbeat_interval_ns: Nanos,
+    /// How long after sending a heartbeat that the aux confirmed the primary may still
+    /// acknowledge writes. Must be well below the aux's heartbeat timeout (half of it is the
+    /// default): the aux declares the primary dead only a whole timeout after it *saw* the
+    /// heartbeat, which is after it was sent, so the lease has run out before any failover can
+    /// promote the DR, as long as the two clocks' rates differ by less than a factor of two.
+    pub lease_ns: Nanos,
     pub mutations: Mutations,
 }
 
 impl PrimaryConfig {
     /// Defaults a user gets without tuning: batches of up to 64 records, 8 in flight, 64 payload
-    /// writes in flight, lag bounded by the ring, a heartbeat every 10 ms.
+    /// writes in flight, lag bounded by the ring, a heartbeat every 10 ms and a lease of 100 ms
+    /// (for an aux heartbeat timeout of 200 ms or more).
     pub fn new(geometry: Geometry, mode: Mode) -> Self {
         PrimaryConfig {
             geometry,
@@ -73,6 +80,7 @@ impl PrimaryConfig {
             lag_ops_max: u64::from(geometry.table_slots),
             lag_bytes_max: geometry.ring_bytes,
             heartbeat_interval_ns: 10_000_000,
+            lease_ns: 100_000_000,
             mutations: Mutations::NONE,
         }
     }
@@ -238,6 +246,10 @@ pub struct Primary {
     heartbeat: Heartbeat,
     heartbeat_inflight: bool,
     heartbeat_sent_at: Option<Nanos>,
+    /// The latest time seen by any handler.
+    now: Nanos,
+    /// Writes may be acknowledged only before this time (see `PrimaryConfig::lease_ns`).
+    lease_until: Nanos,
     actions: Vec<PrimaryAction>,
     stats: PrimaryStats,
 }
@@ -258,6 +270,10 @@ impl Primary {
         );
         assert!(config.order_batches_inflight_max >= 1);
         assert!(config.payload_writes_inflight_max >= 1);
+        assert!(
+            config.heartbeat_interval_ns < config.lease_ns,
+            "a lease shorter than the heartbeat interval lapses between renewals"
+        );
         assert!(
             config.lag_ops_max >= 1
                 && config.lag_bytes_max >= u64::from(config.geometry.payload_bytes_max)
@@ -296,6 +312,8 @@ impl Primary {
             },
             heartbeat_inflight: false,
             heartbeat_sent_at: None,
+            now: 0,
+            lease_until: 0,
             actions: Vec::with_capacity(64),
             stats: PrimaryStats::default(),
         }
@@ -357,7 +375,9 @@ impl Primary {
         client_tag: u64,
         volume_offset: u64,
         data: &[u8],
+        now: Nanos,
     ) -> Result<Admitted, WriteRefused> {
+        self.advance_clock(now);
         if self.stopped.is_some() {
             return Err(WriteRefused::Stopped);
         }
@@ -429,14 +449,15 @@ impl Primary {
         })
     }
 
-    pub fn handle_local_write_done(&mut self, seq: Seq) {
+    pub fn handle_local_write_done(&mut self, seq: Seq, now: Nanos) {
+        self.advance_clock(now);
         let slot = self.live_slot(seq);
         assert!(
             !self.ops[slot].local_done,
             "local write {seq} completed twice"
         );
         self.ops[slot].local_done = true;
-        if seq <= self.ack_condition_through {
+        if seq <= self.ack_condition_through && self.lease_valid() {
             self.answer(seq, true);
         }
         self.release();
@@ -449,7 +470,8 @@ impl Primary {
 
     /// A message from the DR (ack, hello or refusal). Bad input is returned as an error and
     /// changes nothing; impossible content (acks for ops never sent) stops the primary.
-    pub fn handle_dr_message(&mut self, bytes: &[u8]) -> Result<(), DecodeError> {
+    pub fn handle_dr_message(&mut self, bytes: &[u8], now: Nanos) -> Result<(), DecodeError> {
+        self.advance_clock(now);
         let message = Message::decode(bytes)?;
         if self.stopped.is_some() {
             return Ok(());
@@ -529,7 +551,8 @@ impl Primary {
     }
 
     /// The payload write of `seq` completed: its bytes are placed in the DR's ring.
-    pub fn handle_payload_write_done(&mut self, seq: Seq) {
+    pub fn handle_payload_write_done(&mut self, seq: Seq, now: Nanos) {
+        self.advance_clock(now);
         if self.stopped.is_some() || seq <= self.payload_done_through {
             return; // A duplicate from a resend after reconnect.
         }
@@ -548,7 +571,8 @@ impl Primary {
 
     /// The DR link failed (error completion, connection loss). Nothing in flight on it can be
     /// trusted to have arrived; the DR's hello after reconnect tells what did.
-    pub fn handle_dr_link_down(&mut self) {
+    pub fn handle_dr_link_down(&mut self, now: Nanos) {
+        self.advance_clock(now);
         self.dr_link_up = false;
         self.order_batches_inflight.clear();
         self.order_sent_through = self.order_acked_through;
@@ -556,7 +580,8 @@ impl Primary {
         self.pump();
     }
 
-    pub fn handle_aux_write_done(&mut self, tag: AuxWriteTag) {
+    pub fn handle_aux_write_done(&mut self, tag: AuxWriteTag, now: Nanos) {
+        self.advance_clock(now);
         if self.stopped.is_some() {
             return;
         }
@@ -564,6 +589,11 @@ impl Primary {
             AuxWriteTag::Heartbeat => {
                 assert!(self.heartbeat_inflight);
                 self.heartbeat_inflight = false;
+                // The lease runs from when the heartbeat was sent, which is before the aux saw it.
+                let sent_at = self
+                    .heartbeat_sent_at
+                    .expect("a heartbeat in flight was sent");
+                self.lease_until = self.lease_until.max(sent_at + self.config.lease_ns);
             }
             AuxWriteTag::Entries => {
                 assert!(
@@ -583,7 +613,8 @@ impl Primary {
     }
 
     /// An aux write failed. A remote-access error means the aux revoked our access: we are fenced.
-    pub fn handle_aux_write_failed(&mut self, remote_access_error: bool) {
+    pub fn handle_aux_write_failed(&mut self, remote_access_error: bool, now: Nanos) {
+        self.advance_clock(now);
         if remote_access_error {
             self.stop(PrimaryStop::FencedByAux);
             return;
@@ -596,7 +627,8 @@ impl Primary {
 
     /// The aux is reachable (again). Its region survived (memory-mapped file) but writes in
     /// flight when it went away may be lost or torn, so every live entry is written again.
-    pub fn handle_aux_up(&mut self) {
+    pub fn handle_aux_up(&mut self, now: Nanos) {
+        self.advance_clock(now);
         self.aux_up = true;
         self.aux_entries_inflight = 0;
         self.heartbeat_inflight = false;
@@ -607,6 +639,9 @@ impl Primary {
 
     /// Time passes: advance the heartbeat when due.
     pub fn handle_tick(&mut self, now: Nanos) {
+        self.advance_clock(now);
+        // A lease that ran out stops acknowledgements now, not at the next event.
+        self.advance_acks();
         if self.stopped.is_some() || !self.aux_up || self.heartbeat_inflight {
             return;
         }
@@ -657,8 +692,35 @@ impl Primary {
         }
     }
 
-    /// Every op up to the returned seq meets the mode's cumulative ack condition.
+    fn advance_clock(&mut self, now: Nanos) {
+        self.now = self.now.max(now);
+        if !self.lease_valid() {
+            // Nothing may be acknowledged now; and when the lease is renewed, every op must be
+            // looked at again, including those whose local write finished meanwhile (simulator
+            // seed 33055: a lease that lapsed and came back between two acknowledgement passes
+            // left two ops unacknowledged for good, and their slots filled the table).
+            self.ack_condition_through = 0;
+        }
+    }
+
+    /// Whether the primary may acknowledge right now: its lease from the aux has not run out.
+    /// Without it, a primary cut off from the aux could acknowledge a write after the DR was
+    /// promoted (simulator seed 2092821: its local write finished after promotion).
+    fn lease_valid(&self) -> bool {
+        self.now < self.lease_until
+    }
+
+    /// The lease's end (for `ordinal status`).
+    pub fn lease_until(&self) -> Nanos {
+        self.lease_until
+    }
+
+    /// Every op up to the returned seq meets the mode's cumulative ack condition (none while
+    /// the lease has run out).
     fn compute_ack_condition(&self) -> Seq {
+        if !self.lease_valid() {
+            return 0;
+        }
         let normal = match self.config.mode {
             Mode::OrderSync => self.order_ok_through(),
             Mode::Sync => self.order_ok_through().min(self.payload_done_through),
@@ -826,8 +888,10 @@ impl Primary {
         }
     }
 
-    /// Writes the status entries that changed since the last write, as one contiguous range of
-    /// the table (two writes when it wraps), with at most one such write in flight.
+    /// Writes the status entries that changed since the last write: the new ops ("queued") and
+    /// the ops that became "replicated", each a contiguous range of the table (merged when they
+    /// touch, split in two where one wraps). At most one such group of writes is in flight, so
+    /// entries never change while the NIC may still be reading them.
     fn flush_aux_entries(&mut self) {
         if !self.aux_up || self.aux_entries_inflight > 0 {
             return;
@@ -839,45 +903,41 @@ impl Primary {
             self.payload_done_through
         };
         // "Replicated" needs both halves of the patent's condition: the data is at the DR (the
-        // payload write completed) and so is the order (acked), so the DR can apply it.
+        // payload write completed) and so is the order (acked), so the DR can apply it. Both are
+        // cumulative, so the replicated ops are always a prefix (the DR relies on that).
         let replicated_target = replicated_source
             .min(self.order_acked_through)
             .max(self.aux_replicated_done_through);
         debug_assert!(replicated_target <= queued_target);
-        let queued_dirty = queued_target > self.aux_queued_done_through;
-        let replicated_dirty = replicated_target > self.aux_replicated_done_through;
-        if !queued_dirty && !replicated_dirty {
-            return;
+        let live_from = self.slots_released_through + 1;
+        let replicated = (self.aux_replicated_done_through + 1).max(live_from)..=replicated_target;
+        let queued = (self.aux_queued_done_through + 1).max(live_from)..=queued_target;
+        let ranges = match (replicated.is_empty(), queued.is_empty()) {
+            (true, true) => return,
+            (false, true) => [Some(replicated), None],
+            (true, false) => [Some(queued), None],
+            (false, false) if *replicated.end() + 1 >= *queued.start() => [
+                Some(*replicated.start().min(queued.start())..=*queued.end()),
+                None,
+            ],
+            (false, false) => [Some(replicated), Some(queued)],
+        };
+        let mut writes = 0;
+        for range in ranges.into_iter().flatten() {
+            writes += self.post_aux_entries(*range.start(), *range.end(), replicated_target);
         }
-        // The entries to write: new ops (queued) and ops that became replicated. Entries in
-        // between that did not change are written again with the same bytes, which keeps this
-        // one contiguous write.
-        let first_queued = if queued_dirty {
-            self.aux_queued_done_through + 1
-        } else {
-            Seq::MAX
-        };
-        let first_replicated = if replicated_dirty {
-            self.aux_replicated_done_through + 1
-        } else {
-            Seq::MAX
-        };
-        let first = first_queued
-            .min(first_replicated)
-            .max(self.slots_released_through + 1);
-        let last = if queued_dirty {
-            queued_target
-        } else {
-            replicated_target
-        };
-        if first > last {
-            return;
-        }
+        self.aux_entries_inflight = writes;
+        self.aux_entries_inflight_targets = (queued_target, replicated_target);
+    }
+
+    /// Encodes the entries of ops `first..=last` and posts their write (two where the range wraps
+    /// the table); returns the number of writes.
+    fn post_aux_entries(&mut self, first: Seq, last: Seq, replicated_through: Seq) -> u8 {
         let geometry = self.config.geometry;
         for seq in first..=last {
             let op = &self.ops[geometry.slot_of(seq)];
             debug_assert_eq!(op.seq, seq);
-            let status = if seq <= replicated_target {
+            let status = if seq <= replicated_through {
                 PrimaryStatus::Replicated
             } else {
                 PrimaryStatus::Queued
@@ -895,23 +955,22 @@ impl Primary {
         let first_slot = geometry.slot_of(first);
         let count = (last - first + 1) as usize;
         let until_end = geometry.table_slots as usize - first_slot;
-        let mut post = |slot: usize, entries: usize| {
+        let pieces = if count <= until_end {
+            [(first_slot, count), (0, 0)]
+        } else {
+            [(first_slot, until_end), (0, count - until_end)]
+        };
+        let mut writes = 0;
+        for (slot, entries) in pieces.into_iter().filter(|&(_, entries)| entries > 0) {
             self.actions.push(PrimaryAction::WriteAux {
                 offset: AUX_ENTRIES_OFFSET + slot * AUX_ENTRY_BYTES,
                 len: entries * AUX_ENTRY_BYTES,
                 tag: AuxWriteTag::Entries,
             });
             self.stats.aux_writes_posted += 1;
-        };
-        if count <= until_end {
-            post(first_slot, count);
-            self.aux_entries_inflight = 1;
-        } else {
-            post(first_slot, until_end);
-            post(0, count - until_end);
-            self.aux_entries_inflight = 2;
+            writes += 1;
         }
-        self.aux_entries_inflight_targets = (queued_target, replicated_target);
+        writes
     }
 
     fn stop(&mut self, why: PrimaryStop) {

@@ -204,6 +204,19 @@ pub fn check(world: &World) -> Verdict {
         }
     }
 
+    // I5: a write acknowledged by the old primary after promotion (a slow clock overran its
+    // lease) must be one the failover knew of: a new write must never be acknowledged.
+    for &seq in &world.acked_after_promotion {
+        let accounted = seq <= cut
+            || report
+                .lost
+                .binary_search_by_key(&seq, |lost| lost.seq)
+                .is_ok();
+        if !accounted {
+            verdict.violations.push(Violation::I5Fencing(format!("old primary acknowledged seq {seq} after promotion, a write the failover never saw")));
+        }
+    }
+
     // I5: after promotion nothing the old primary does reaches the DR volume or the aux table.
     if let Some(at_promotion) = &world.volume_at_promotion {
         if world.dr_volume() != &at_promotion[..] {

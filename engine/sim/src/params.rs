@@ -61,6 +61,10 @@ pub struct Params {
     /// The primary ends after this many simulated events (or when the workload is done).
     pub primary_end_after_events: Option<u64>,
     pub primary_end: PrimaryEnd,
+    /// How fast the primary's clock runs, in percent of true time. Below 100 the primary's lease
+    /// (measured on its own clock) lasts longer than the aux assumes, as with a process paused
+    /// between checking its lease and acknowledging; then only epoch fencing keeps I5.
+    pub primary_clock_percent: u64,
     /// Faults at simulated times (they only fire while the primary is still running).
     pub faults: Vec<(Nanos, Fault)>,
     /// What happens to traffic in flight when its connection breaks. `true`: SENDs arrive whole
@@ -105,6 +109,7 @@ impl Params {
             heartbeat_timeout_ns: 20_000_000,
             primary_end_after_events: None,
             primary_end: PrimaryEnd::Crash,
+            primary_clock_percent: 100,
             faults: Vec::new(),
             partial_at_break: true,
             mtu_bytes: 256,
@@ -194,6 +199,11 @@ impl Params {
                 PrimaryEnd::CutFromAux,
                 PrimaryEnd::CutFromAll,
             ]),
+            primary_clock_percent: if rng.chance(1, 4) {
+                rng.range(20, 90)
+            } else {
+                100
+            },
             faults,
             partial_at_break: true,
             mtu_bytes: rng.pick(&[128, 256, 512, 1024]),

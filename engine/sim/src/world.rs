@@ -158,6 +158,8 @@ pub struct OpTruth {
     pub failed: bool,
     /// The aux table held a valid "replicated" entry for this op at some point (I2).
     pub aux_recorded_replicated: bool,
+    /// The op's whole payload landed in the DR's ring at some point (I6 in sync mode).
+    pub payload_landed: bool,
 }
 
 pub struct World {
@@ -214,6 +216,9 @@ pub struct World {
     pub(crate) aux_region_at_fence: Option<Vec<u8>>,
     pub(crate) volume_at_promotion: Option<Vec<u8>>,
     pub(crate) violations: Vec<Violation>,
+    /// Seqs the old primary acknowledged after the DR was promoted (possible only with a slow
+    /// clock; each must be applied or reported).
+    pub(crate) acked_after_promotion: Vec<Seq>,
     trace: Option<Vec<String>>,
     tick_pending: bool,
 }
@@ -261,6 +266,7 @@ impl World {
             order_batches_inflight_max: params.order_batches_inflight_max,
             payload_writes_inflight_max: params.payload_writes_inflight_max,
             heartbeat_interval_ns: params.heartbeat_interval_ns,
+            lease_ns: params.heartbeat_timeout_ns / 2,
             link_loss_policy: params.link_loss_policy,
             mutations: params.mutations,
             ..PrimaryConfig::new(geometry, params.mode)
@@ -311,6 +317,7 @@ impl World {
             aux_region_at_fence: None,
             volume_at_promotion: None,
             violations: Vec::new(),
+            acked_after_promotion: Vec::new(),
             trace: None,
             tick_pending: false,
             params,
@@ -349,6 +356,7 @@ impl World {
     pub fn now(&self) -> Nanos {
         self.now
     }
+
     pub fn phase(&self) -> Phase {
         self.phase
     }
@@ -594,7 +602,10 @@ impl World {
             Event::LocalWriteDone(seq) => {
                 if let Some(primary) = &mut self.primary {
                     if primary.stopped().is_none() {
-                        primary.handle_local_write_done(seq);
+                        primary.handle_local_write_done(
+                            seq,
+                            self.now * self.params.primary_clock_percent / 100,
+                        );
                         self.run_primary_actions();
                     }
                 }
@@ -649,7 +660,14 @@ impl World {
     // ----- workload -----
 
     fn issue_clients(&mut self) {
-        if !self.workload_on || self.phase != Phase::Running {
+        // Clients of a primary that is cut off but alive keep writing to it, even after the DR
+        // was promoted: that is what fencing must stand up to.
+        if !self.workload_on
+            || self
+                .primary
+                .as_ref()
+                .is_none_or(|primary| primary.stopped().is_some())
+        {
             return;
         }
         while self.issued < self.params.ops_total
@@ -666,7 +684,10 @@ impl World {
             self.clients_outstanding += 1;
             self.waiting_clients.push_back((offset, data));
         }
-        if self.issued == self.params.ops_total && self.clients_outstanding == 0 {
+        if self.issued == self.params.ops_total
+            && self.clients_outstanding == 0
+            && self.phase == Phase::Running
+        {
             self.schedule_in(0, Event::PrimaryEnds);
         }
     }
@@ -677,7 +698,12 @@ impl World {
                 return;
             };
             let tag = self.truth.len() as u64;
-            match primary.handle_client_write(tag, *offset, data) {
+            match primary.handle_client_write(
+                tag,
+                *offset,
+                data,
+                self.now * self.params.primary_clock_percent / 100,
+            ) {
                 Ok(admitted) => {
                     let (offset, data) = self.waiting_clients.pop_front().expect("front exists");
                     assert_eq!(
@@ -702,6 +728,7 @@ impl World {
                         acked_degraded: false,
                         failed: false,
                         aux_recorded_replicated: false,
+                        payload_landed: false,
                     });
                     self.run_primary_actions();
                 }
@@ -827,9 +854,14 @@ impl World {
     /// I6 (and I5): checked at the moment of the ack.
     fn check_ack(&mut self, seq: Seq, degraded: bool) {
         if self.phase >= Phase::Promoted {
-            self.violations.push(Violation::I5Fencing(format!(
-                "old primary acknowledged seq {seq} after the DR was promoted"
-            )));
+            if self.params.primary_clock_percent >= 100 {
+                // With a clock that keeps time, the lease forbids any acknowledgement after
+                // promotion.
+                self.violations.push(Violation::I5Fencing(format!("old primary acknowledged seq {seq} after the DR was promoted, within its lease")));
+            }
+            // With a slow clock the lease can be overrun; then the ack must be of a write the
+            // failover accounted for (checked after the run).
+            self.acked_after_promotion.push(seq);
         }
         let order_bound = matches!(self.params.mode, Mode::OrderSync | Mode::Sync) && !degraded;
         if !order_bound {
@@ -846,20 +878,12 @@ impl World {
                 "seq {seq} acknowledged while the DR does not hold its order record"
             )));
         }
-        if self.params.mode == Mode::Sync {
-            let applied = self
-                .dr
-                .as_ref()
-                .is_some_and(|dr| dr.applied_through() >= seq);
-            let in_ring = held.is_some_and(|record| {
-                let at = record.ring_offset as usize;
-                self.dr_ring[at..at + record.len as usize] == op.data[..]
-            });
-            if !applied && !in_ring {
-                self.violations.push(Violation::I6SyncOrder(format!(
-                    "seq {seq} acknowledged in sync mode before its payload reached the DR"
-                )));
-            }
+        // Sync mode: the whole payload must have landed in the DR's ring before the ack (it
+        // may be overwritten by now, after the DR applied it and the ring space was reused).
+        if self.params.mode == Mode::Sync && !op.payload_landed {
+            self.violations.push(Violation::I6SyncOrder(format!(
+                "seq {seq} acknowledged in sync mode before its payload reached the DR"
+            )));
         }
     }
 
@@ -994,6 +1018,9 @@ impl World {
                 self.dr_ring[ring_offset as usize..ring_offset as usize + data.len()]
                     .copy_from_slice(&data);
                 self.note(|| format!("payload seq {seq} landed at ring {ring_offset}"));
+                if let Some(op) = self.truth.get_mut(seq as usize - 1) {
+                    op.payload_landed |= op.data == data;
+                }
                 self.launch(Path::PayloadCompletion, Cargo::PayloadDone { seq });
                 if self.dr.is_some() {
                     self.launch(Path::DrNotify, Cargo::Notify { imm });
@@ -1001,7 +1028,10 @@ impl World {
             }
             Cargo::PayloadDone { seq } => {
                 if let Some(primary) = &mut self.primary {
-                    primary.handle_payload_write_done(seq);
+                    primary.handle_payload_write_done(
+                        seq,
+                        self.now * self.params.primary_clock_percent / 100,
+                    );
                     self.run_primary_actions();
                 }
             }
@@ -1025,9 +1055,15 @@ impl World {
             Cargo::AuxDone { tag, ok } => {
                 if let Some(primary) = &mut self.primary {
                     if ok {
-                        primary.handle_aux_write_done(tag);
+                        primary.handle_aux_write_done(
+                            tag,
+                            self.now * self.params.primary_clock_percent / 100,
+                        );
                     } else {
-                        primary.handle_aux_write_failed(true);
+                        primary.handle_aux_write_failed(
+                            true,
+                            self.now * self.params.primary_clock_percent / 100,
+                        );
                     }
                     self.run_primary_actions();
                 }
@@ -1066,7 +1102,9 @@ impl World {
                 let Some(primary) = &mut self.primary else {
                     return;
                 };
-                if let Err(error) = primary.handle_dr_message(bytes) {
+                if let Err(error) = primary
+                    .handle_dr_message(bytes, self.now * self.params.primary_clock_percent / 100)
+                {
                     self.violations.push(Violation::Protocol(format!(
                         "primary rejected a DR message: {error}"
                     )));
@@ -1148,7 +1186,7 @@ impl World {
         }
         self.note(|| "primary-aux link up".into());
         let primary = self.primary.as_mut().expect("alive");
-        primary.handle_aux_up();
+        primary.handle_aux_up(self.now * self.params.primary_clock_percent / 100);
         self.run_primary_actions();
     }
 
@@ -1226,12 +1264,18 @@ impl World {
                         }
                     }
                     self.note(|| format!("payload seq {seq} torn: chunks landed {chunks:?}"));
+                    let whole = self.dr_ring
+                        [ring_offset as usize..ring_offset as usize + data.len()]
+                        == data[..];
+                    if let Some(op) = self.truth.get_mut(seq as usize - 1) {
+                        op.payload_landed |= whole && op.data == data;
+                    }
                 }
                 _ => {}
             }
         }
         if let Some(primary) = &mut self.primary {
-            primary.handle_dr_link_down();
+            primary.handle_dr_link_down(self.now * self.params.primary_clock_percent / 100);
             self.run_primary_actions();
         }
         self.schedule_dr_link_up();
@@ -1262,7 +1306,10 @@ impl World {
         self.aux_link_up = false;
         self.aux_link_generation += 1;
         if let Some(primary) = &mut self.primary {
-            primary.handle_aux_write_failed(revoked);
+            primary.handle_aux_write_failed(
+                revoked,
+                self.now * self.params.primary_clock_percent / 100,
+            );
             self.run_primary_actions();
         }
         if !revoked {
@@ -1393,9 +1440,9 @@ impl World {
 
     fn end_primary(&mut self, end: PrimaryEnd) {
         self.note(|| format!("the primary ends: {end:?}"));
-        self.workload_on = false;
         match end {
             PrimaryEnd::Crash => {
+                self.workload_on = false;
                 self.break_dr_link("primary crashed");
                 self.break_aux_link("primary crashed");
                 self.primary = None;
@@ -1419,7 +1466,7 @@ impl World {
             return;
         }
         if let Some(primary) = &mut self.primary {
-            primary.handle_tick(self.now);
+            primary.handle_tick(self.now * self.params.primary_clock_percent / 100);
             self.run_primary_actions();
         }
         if let Some(aux) = &mut self.aux {
@@ -1454,11 +1501,19 @@ impl World {
             }
             Phase::DrFenced => {
                 let Some(aux) = &mut self.aux else { return }; // Resumed by the aux's restart.
-                aux.handle_fence_request();
+                let handover_at = aux.handle_fence_request(self.now);
                 self.run_aux_actions();
                 let aux = self.aux.as_ref().expect("alive");
+                // From the revocation on, nothing may change in the table (checked as I5).
+                if self.aux_region_at_fence.is_none() {
+                    self.aux_region_at_fence = Some(aux.region().clone());
+                }
+                if handover_at > self.now {
+                    // The old primary's lease may still run: wait it out before reading.
+                    self.schedule_at(handover_at, Event::FailoverStep);
+                    return;
+                }
                 self.frozen_table = Some(aux.primary_area().to_vec());
-                self.aux_region_at_fence = Some(aux.region().clone());
                 self.phase = Phase::TableRead;
                 let delay = jitter(&mut self.rng, self.params.dr_link_ns);
                 self.schedule_in(delay, Event::FailoverStep);
