@@ -102,7 +102,7 @@ pub fn run(config: CoreLoopConfig) -> u64 {
                 Err(other) => panic!("write refused: {other:?}"),
             }
         }
-        primary_actions.extend(primary.drain_actions());
+        primary.swap_actions(&mut primary_actions);
         for action in primary_actions.drain(..) {
             match action {
                 PrimaryAction::LocalWrite { seq, .. } => steps.push_back(Step::LocalDone(seq)),
@@ -142,7 +142,7 @@ pub fn run(config: CoreLoopConfig) -> u64 {
             Step::ApplyDone(seq) => dr.handle_apply_done(seq),
             Step::AuxDone(tag) => primary.handle_aux_write_done(tag, NOW),
         }
-        dr_actions.extend(dr.drain_actions());
+        dr.swap_actions(&mut dr_actions);
         for action in dr_actions.drain(..) {
             match action {
                 DrAction::Send(message) => steps.push_back(Step::DrMessage(message)),

@@ -438,6 +438,15 @@ impl<L: AsRef<[u8]> + AsMut<[u8]>> Dr<L> {
         self.actions.drain(..)
     }
 
+    /// Swaps the pending actions into `buffer` (which must be empty) without copying them.
+    pub fn swap_actions(&mut self, buffer: &mut Vec<DrAction>) {
+        assert!(
+            buffer.is_empty(),
+            "the previous actions were not all executed"
+        );
+        std::mem::swap(&mut self.actions, buffer);
+    }
+
     // ----- inputs -----
 
     /// The primary (re)connected: tell it where we stand so it can resend what we lack.

@@ -366,6 +366,16 @@ impl Primary {
         self.actions.drain(..)
     }
 
+    /// Swaps the pending actions into `buffer` (which must be empty) without copying them: the
+    /// cheap way for a runtime to take them and keep calling handlers while it executes them.
+    pub fn swap_actions(&mut self, buffer: &mut Vec<PrimaryAction>) {
+        assert!(
+            buffer.is_empty(),
+            "the previous actions were not all executed"
+        );
+        std::mem::swap(&mut self.actions, buffer);
+    }
+
     // ----- inputs -----
 
     /// A client write of `data` at `volume_offset`. On success the caller copies `data` to the
