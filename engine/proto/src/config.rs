@@ -203,6 +203,18 @@ impl Mutations {
     }
 }
 
+/// A valid geometry for unit tests: 1 MiB volume, 64 KiB ring, 64 slots, writes up to 8 KiB.
+#[cfg(test)]
+pub(crate) fn sample_geometry() -> Geometry {
+    Geometry {
+        volume_bytes: 1 << 20,
+        sector_bytes: 512,
+        ring_bytes: 1 << 16,
+        table_slots: 64,
+        payload_bytes_max: 8192,
+    }
+}
+
 /// Rounds `value` up to a multiple of `align` (a power of two).
 #[inline]
 pub fn round_up(value: u64, align: u64) -> u64 {
@@ -215,13 +227,7 @@ mod tests {
     use super::*;
 
     fn good() -> Geometry {
-        Geometry {
-            volume_bytes: 1 << 20,
-            sector_bytes: 512,
-            ring_bytes: 1 << 16,
-            table_slots: 64,
-            payload_bytes_max: 8192,
-        }
+        sample_geometry()
     }
 
     #[test]

@@ -67,6 +67,18 @@ pub enum DrAction {
     Promoted { epoch: Epoch },
 }
 
+impl DrAction {
+    /// The apply of a held record: copy its ring span to its place on the volume.
+    fn apply(record: &OrderRecord) -> DrAction {
+        DrAction::Apply {
+            seq: record.seq,
+            volume_offset: record.volume_offset,
+            ring_offset: record.ring_offset,
+            len: record.len,
+        }
+    }
+}
+
 /// A small message, carried inline so that actions need no allocation.
 #[derive(Clone, Copy, PartialEq, Eq)]
 pub struct OutMessage {
@@ -815,12 +827,7 @@ impl<L: AsRef<[u8]> + AsMut<[u8]>> Dr<L> {
             if usable && (!cut_found || past_gap) {
                 self.write_status(seq, DrStatus::Landed);
                 self.apply_posted_through = seq;
-                self.actions.push(DrAction::Apply {
-                    seq,
-                    volume_offset: record.volume_offset,
-                    ring_offset: record.ring_offset,
-                    len: record.len,
-                });
+                self.actions.push(DrAction::apply(&record));
                 report.cut = seq;
                 if target {
                     report.applied_from_ring += 1
@@ -934,12 +941,7 @@ impl<L: AsRef<[u8]> + AsMut<[u8]>> Dr<L> {
         {
             let seq = self.apply_posted_through + 1;
             let record = self.held_record(seq).expect("landed seq has its record");
-            self.actions.push(DrAction::Apply {
-                seq,
-                volume_offset: record.volume_offset,
-                ring_offset: record.ring_offset,
-                len: record.len,
-            });
+            self.actions.push(DrAction::apply(&record));
             self.apply_posted_through = seq;
         }
     }

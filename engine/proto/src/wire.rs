@@ -940,13 +940,7 @@ mod tests {
     use super::*;
 
     fn geometry() -> Geometry {
-        Geometry {
-            volume_bytes: 1 << 20,
-            sector_bytes: 512,
-            ring_bytes: 1 << 16,
-            table_slots: 64,
-            payload_bytes_max: 8192,
-        }
+        crate::config::sample_geometry()
     }
 
     /// A record that passes `validate` against `geometry()`.
