@@ -1,6 +1,9 @@
 //! Cost of the protocol core per write, primary and DR together on one core, no I/O.
 //!
 //! Run: `cargo bench -p ordinal-bench --bench core_cost`
+//! (`ORDINAL_BENCH_BATCHES_INFLIGHT=N` sets the order batches in flight, default 2: fewer in
+//! flight means larger batches, as a long link gives them; `ORDINAL_BENCH_WRITES` and
+//! `ORDINAL_BENCH_SMALL_ONLY` shorten the run for profiling.)
 //!
 //! Prints, per payload size and mode, the write rate and the cost per write as hdrhistogram
 //! percentiles over repeated runs, and next to it a baseline measured in the same run: the
@@ -19,12 +22,16 @@ const RUNS: usize = 7;
 
 fn main() {
     // ORDINAL_BENCH_WRITES shortens a run (for profiling under callgrind, say).
+    let inflight: usize = std::env::var("ORDINAL_BENCH_BATCHES_INFLIGHT")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(2);
     let writes_per_run: u64 = std::env::var("ORDINAL_BENCH_WRITES")
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(400_000);
     let only_small = std::env::var_os("ORDINAL_BENCH_SMALL_ONLY").is_some();
-    println!("protocol core, primary + DR state machines on one core, no I/O; {RUNS} runs of {writes_per_run} writes each, queue depth 32");
+    println!("protocol core, primary + DR state machines on one core, no I/O; {RUNS} runs of {writes_per_run} writes each, queue depth 32, {inflight} order batches in flight");
     println!(
         "{:>8} {:>11} {:>12} {:>10} {:>10} {:>10} {:>14} {:>8}",
         "payload",
@@ -49,6 +56,7 @@ fn main() {
                 let started = Instant::now();
                 let acked = run(CoreLoopConfig {
                     payload_bytes,
+                    order_batches_inflight: inflight,
                     queue_depth: 32,
                     writes: writes_per_run,
                     mode,

@@ -32,6 +32,8 @@ enum Step {
 #[derive(Clone, Copy, Debug)]
 pub struct CoreLoopConfig {
     pub payload_bytes: usize,
+    /// Order batches in flight: fewer means larger batches (the DR's receive buffers).
+    pub order_batches_inflight: usize,
     pub queue_depth: usize,
     pub writes: u64,
     pub mode: Mode,
@@ -49,7 +51,7 @@ pub fn run(config: CoreLoopConfig) -> u64 {
     let primary_config = PrimaryConfig {
         lease_ns: Nanos::MAX / 4,
         order_batch_records_max: 64,
-        order_batches_inflight_max: 8,
+        order_batches_inflight_max: config.order_batches_inflight,
         payload_writes_inflight_max: 256,
         ..PrimaryConfig::new(geometry, config.mode)
     };
@@ -165,6 +167,7 @@ mod tests {
         for mode in Mode::ALL {
             let acked = run(CoreLoopConfig {
                 payload_bytes: 4096,
+                order_batches_inflight: 4,
                 queue_depth: 32,
                 writes: 20_000,
                 mode,

@@ -73,6 +73,10 @@ pub fn run(args: SimArgs) -> Result<ExitCode, String> {
         summary.applied_from_ring
     )
     .map_err(|e| e.to_string())?;
+    writeln!(out, "what the seeds went through:").map_err(|e| e.to_string())?;
+    for (name, count) in summary.coverage.rows() {
+        writeln!(out, "  {count:>10}  {name}").map_err(|e| e.to_string())?;
+    }
     match summary.failure {
         None => {
             writeln!(out, "all invariants held (I1 prefix, I2 completeness, I3 integrity, I4 exact loss report, I5 fencing, I6 sync order)").map_err(|e| e.to_string())?;

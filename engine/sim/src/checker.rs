@@ -68,6 +68,8 @@ pub struct Verdict {
     pub cut: Seq,
     /// Target ops recovered from the ring during failover.
     pub applied_from_ring: u64,
+    /// Faults and outcomes the run went through.
+    pub coverage: crate::world::Coverage,
 }
 
 impl Verdict {
@@ -88,6 +90,7 @@ fn expected_image(world: &World, cut: Seq) -> Vec<u8> {
 
 pub fn check(world: &World) -> Verdict {
     let mut verdict = Verdict {
+        coverage: world.coverage,
         violations: world.violations.clone(),
         admitted: world.truth().len() as u64,
         ..Verdict::default()

@@ -22,4 +22,4 @@ pub mod world;
 pub use checker::{Verdict, Violation};
 pub use params::{Fault, Params, PrimaryEnd};
 pub use soak::{replay_seed, run_seed, soak, SoakSummary};
-pub use world::{Path, Phase, World};
+pub use world::{Coverage, Path, Phase, World};

@@ -17,6 +17,10 @@ pub enum PrimaryEnd {
     /// The primary is alive but cut off from both the aux and the DR; the cut heals after
     /// promotion.
     CutFromAll,
+    /// An operator fails over while the primary is alive and connected (a planned switch, or a
+    /// mistaken belief that it died): its lease must run out before the DR takes over, and it
+    /// must find itself fenced.
+    OperatorFailover,
 }
 
 /// A fault injected at a simulated time before the end of the primary.
@@ -198,6 +202,7 @@ impl Params {
                 PrimaryEnd::Crash,
                 PrimaryEnd::CutFromAux,
                 PrimaryEnd::CutFromAll,
+                PrimaryEnd::OperatorFailover,
             ]),
             primary_clock_percent: if rng.chance(1, 4) {
                 rng.range(20, 90)

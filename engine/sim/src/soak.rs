@@ -53,6 +53,7 @@ pub struct SoakSummary {
     pub acked_applied: u64,
     pub acked_reported_lost: u64,
     pub applied_from_ring: u64,
+    pub coverage: crate::world::Coverage,
     /// The first failing seed found (lowest seed among those seen failing), and its verdict.
     pub failure: Option<(u64, Verdict)>,
 }
@@ -92,6 +93,7 @@ pub fn soak(
                     local.acked_applied += verdict.acked_applied;
                     local.acked_reported_lost += verdict.acked_reported_lost;
                     local.applied_from_ring += verdict.applied_from_ring;
+                    local.coverage.add(&verdict.coverage);
                     if !verdict.holds() {
                         stop.store(true, Ordering::Relaxed);
                         if local.failure.as_ref().is_none_or(|(s, _)| seed < *s) {
@@ -109,6 +111,7 @@ pub fn soak(
                 totals.acked_applied += local.acked_applied;
                 totals.acked_reported_lost += local.acked_reported_lost;
                 totals.applied_from_ring += local.applied_from_ring;
+                totals.coverage.add(&local.coverage);
                 if let Some((seed, verdict)) = local.failure {
                     if totals.failure.as_ref().is_none_or(|(s, _)| seed < *s) {
                         totals.failure = Some((seed, verdict));

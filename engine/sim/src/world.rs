@@ -147,6 +147,100 @@ pub enum Phase {
     Done,
 }
 
+/// How often each fault and each interesting outcome happened in a run: the evidence that a soak
+/// reaches the cases it claims to check.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Coverage {
+    pub primary_crashes: u64,
+    pub primary_cut_from_aux: u64,
+    pub primary_cut_from_all: u64,
+    pub operator_failovers: u64,
+    pub primary_slow_clock: u64,
+    pub dr_crashes: u64,
+    pub aux_crashes: u64,
+    pub link_losses: u64,
+    pub slow_links: u64,
+    /// Payload writes that landed partially (some chunks, not all) when a connection broke.
+    pub torn_payloads: u64,
+    /// Aux writes that landed partially when a connection broke.
+    pub torn_aux_writes: u64,
+    /// Order batches delivered whole as their connection broke.
+    pub batches_delivered_at_break: u64,
+    /// Fences of a primary that was alive and reachable (false alarms).
+    pub false_alarms: u64,
+    /// Failovers that had to wait for the old primary's lease to run out.
+    pub lease_waits: u64,
+    /// Acknowledgements an old primary with a slow clock gave after promotion (each accounted).
+    pub acks_after_promotion: u64,
+    /// Acknowledgements given while the DR did not hold the order (async, degraded).
+    pub degraded_acks: u64,
+    /// Old primaries that found themselves fenced after promotion.
+    pub old_primaries_fenced: u64,
+}
+
+impl Coverage {
+    pub fn add(&mut self, other: &Coverage) {
+        self.primary_crashes += other.primary_crashes;
+        self.primary_cut_from_aux += other.primary_cut_from_aux;
+        self.primary_cut_from_all += other.primary_cut_from_all;
+        self.operator_failovers += other.operator_failovers;
+        self.primary_slow_clock += other.primary_slow_clock;
+        self.dr_crashes += other.dr_crashes;
+        self.aux_crashes += other.aux_crashes;
+        self.link_losses += other.link_losses;
+        self.slow_links += other.slow_links;
+        self.torn_payloads += other.torn_payloads;
+        self.torn_aux_writes += other.torn_aux_writes;
+        self.batches_delivered_at_break += other.batches_delivered_at_break;
+        self.false_alarms += other.false_alarms;
+        self.lease_waits += other.lease_waits;
+        self.acks_after_promotion += other.acks_after_promotion;
+        self.degraded_acks += other.degraded_acks;
+        self.old_primaries_fenced += other.old_primaries_fenced;
+    }
+
+    /// Name and count of every counter, for printing.
+    pub fn rows(&self) -> [(&'static str, u64); 17] {
+        [
+            ("primary crashes", self.primary_crashes),
+            ("primaries cut off from the aux", self.primary_cut_from_aux),
+            (
+                "primaries cut off from everything",
+                self.primary_cut_from_all,
+            ),
+            (
+                "operator failovers of a live primary",
+                self.operator_failovers,
+            ),
+            ("primaries with a slow clock", self.primary_slow_clock),
+            ("DR crashes and restarts", self.dr_crashes),
+            ("aux crashes and restarts", self.aux_crashes),
+            ("primary-DR link losses", self.link_losses),
+            ("slow-link episodes", self.slow_links),
+            ("torn payload writes", self.torn_payloads),
+            ("torn aux writes", self.torn_aux_writes),
+            (
+                "batches delivered as their link broke",
+                self.batches_delivered_at_break,
+            ),
+            ("false alarms (live primary fenced)", self.false_alarms),
+            ("failovers waiting out a lease", self.lease_waits),
+            (
+                "acks after promotion (slow clock), all accounted",
+                self.acks_after_promotion,
+            ),
+            (
+                "acks without the DR holding the order (async, degraded)",
+                self.degraded_acks,
+            ),
+            (
+                "old primaries fenced after promotion",
+                self.old_primaries_fenced,
+            ),
+        ]
+    }
+}
+
 /// What the world knows about each client write, independently of the protocol.
 #[derive(Clone, Debug)]
 pub struct OpTruth {
@@ -216,6 +310,7 @@ pub struct World {
     pub(crate) aux_region_at_fence: Option<Vec<u8>>,
     pub(crate) volume_at_promotion: Option<Vec<u8>>,
     pub(crate) violations: Vec<Violation>,
+    pub(crate) coverage: Coverage,
     /// Seqs the old primary acknowledged after the DR was promoted (possible only with a slow
     /// clock; each must be applied or reported).
     pub(crate) acked_after_promotion: Vec<Seq>,
@@ -317,11 +412,15 @@ impl World {
             aux_region_at_fence: None,
             volume_at_promotion: None,
             violations: Vec::new(),
+            coverage: Coverage::default(),
             acked_after_promotion: Vec::new(),
             trace: None,
             tick_pending: false,
             params,
         };
+        if world.params.primary_clock_percent < 100 {
+            world.coverage.primary_slow_clock += 1;
+        }
         for index in 0..world.params.faults.len() {
             let at = world.params.faults[index].0;
             world.schedule_at(at, Event::Fault(index));
@@ -819,6 +918,7 @@ impl World {
                 let op = &mut self.truth[seq as usize - 1];
                 op.acked_at = Some(self.now);
                 op.acked_degraded = degraded;
+                self.coverage.degraded_acks += u64::from(degraded);
                 self.client_done();
             }
             PrimaryAction::FailClient { seq, .. } => {
@@ -833,7 +933,9 @@ impl World {
                     why,
                     PrimaryStop::FencedByAux | PrimaryStop::FencedByDr { .. }
                 ) && fenced;
-                if !expected {
+                if expected {
+                    self.coverage.old_primaries_fenced += 1;
+                } else {
                     self.violations.push(Violation::Protocol(format!(
                         "primary stopped in phase {:?}: {why:?}",
                         self.phase
@@ -862,6 +964,7 @@ impl World {
             // With a slow clock the lease can be overrun; then the ack must be of a write the
             // failover accounted for (checked after the run).
             self.acked_after_promotion.push(seq);
+            self.coverage.acks_after_promotion += 1;
         }
         let order_bound = matches!(self.params.mode, Mode::OrderSync | Mode::Sync) && !degraded;
         if !order_bound {
@@ -967,6 +1070,14 @@ impl World {
             self.note(|| format!("aux: {action:?}"));
             match action {
                 AuxAction::RevokePrimaryAccess => {
+                    let live = self.primary.as_ref().is_some_and(|p| p.stopped().is_none());
+                    if live
+                        && !self.primary_cut_from_aux
+                        && !self.aux_revoked
+                        && self.phase == Phase::Running
+                    {
+                        self.coverage.false_alarms += 1;
+                    }
                     self.aux_revoked = true;
                     self.break_aux_link("aux revoked the primary's access");
                 }
@@ -1245,6 +1356,7 @@ impl World {
                         && self.rng.chance(1, 2) =>
                 {
                     if let Some(dr) = &mut self.dr {
+                        self.coverage.batches_delivered_at_break += 1;
                         let _ = dr.handle_order_batch(&bytes, &self.dr_ring);
                         self.run_dr_actions();
                     }
@@ -1256,6 +1368,9 @@ impl World {
                     ..
                 } if !self.ring_revoked || why.contains("revoked") => {
                     let chunks = self.torn_chunks(data.len());
+                    if chunks.contains(&true) && chunks.contains(&false) {
+                        self.coverage.torn_payloads += 1;
+                    }
                     let mtu = self.params.mtu_bytes;
                     for (index, chunk) in data.chunks(mtu).enumerate() {
                         if chunks[index] {
@@ -1300,6 +1415,9 @@ impl World {
                 std::mem::replace(&mut self.flights[id].cargo, Cargo::PayloadDone { seq: 0 });
             if let Cargo::AuxWrite { offset, data, .. } = cargo {
                 let chunks = self.torn_chunks(data.len());
+                if chunks.contains(&true) && chunks.contains(&false) {
+                    self.coverage.torn_aux_writes += 1;
+                }
                 self.land_on_aux(offset, &data, Some(&chunks));
             }
         }
@@ -1329,6 +1447,7 @@ impl World {
         match fault {
             Fault::DrCrash { down_ns } => {
                 let Some(dr) = self.dr.take() else { return };
+                self.coverage.dr_crashes += 1;
                 self.break_dr_link("DR crashed");
                 // Volume writes in flight land sector by sector, some of them.
                 let incarnation = self.dr_incarnation;
@@ -1364,6 +1483,7 @@ impl World {
             }
             Fault::AuxCrash { down_ns } => {
                 let Some(aux) = self.aux.take() else { return };
+                self.coverage.aux_crashes += 1;
                 // The aux's memory is a mapped file: it outlives the process. Break the link
                 // while the region is still reachable so writes in flight land torn into it.
                 self.aux_region_at_rest = Some(aux.into_region());
@@ -1371,12 +1491,14 @@ impl World {
                 self.schedule_in(down_ns, Event::Restart(Node::Aux));
             }
             Fault::DrLinkLoss { down_ns } => {
+                self.coverage.link_losses += 1;
                 self.break_dr_link("link loss");
                 // Reconnection is not possible before the link is back.
                 self.dr_link_lost = true;
                 self.schedule_in(down_ns, Event::DrLinkBack);
             }
             Fault::SlowDrLink { factor, for_ns } => {
+                self.coverage.slow_links += 1;
                 self.dr_link_slowdown = factor;
                 self.schedule_in(for_ns, Event::SlowLinkEnds);
             }
@@ -1442,6 +1564,7 @@ impl World {
         self.note(|| format!("the primary ends: {end:?}"));
         match end {
             PrimaryEnd::Crash => {
+                self.coverage.primary_crashes += 1;
                 self.workload_on = false;
                 self.break_dr_link("primary crashed");
                 self.break_aux_link("primary crashed");
@@ -1449,10 +1572,18 @@ impl World {
                 self.drop_waiting_clients();
             }
             PrimaryEnd::CutFromAux => {
+                self.coverage.primary_cut_from_aux += 1;
                 self.primary_cut_from_aux = true;
                 self.break_aux_link("primary cut off from the aux");
             }
+            PrimaryEnd::OperatorFailover => {
+                self.coverage.operator_failovers += 1;
+                if self.phase == Phase::Running {
+                    self.request_failover();
+                }
+            }
             PrimaryEnd::CutFromAll => {
+                self.coverage.primary_cut_from_all += 1;
                 self.primary_cut_from_aux = true;
                 self.primary_cut_from_dr = true;
                 self.break_aux_link("primary cut off");
@@ -1509,6 +1640,9 @@ impl World {
                     self.aux_region_at_fence = Some(aux.region().clone());
                 }
                 if handover_at > self.now {
+                    if self.frozen_table.is_none() && self.coverage.lease_waits == 0 {
+                        self.coverage.lease_waits += 1;
+                    }
                     // The old primary's lease may still run: wait it out before reading.
                     self.schedule_at(handover_at, Event::FailoverStep);
                     return;
