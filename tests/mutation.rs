@@ -13,6 +13,7 @@ fn expect_caught(mutation: Mutation, invariant_names: &[&str]) {
     let Some((seed, violations)) = found else {
         panic!("{mutation:?} went unnoticed for {SEEDS_MAX} seeds");
     };
+    eprintln!("{mutation:?} caught at seed {seed}: {}", violations[0]);
     assert!(
         violations
             .iter()
