@@ -79,6 +79,9 @@ impl DrAction {
     }
 }
 
+/// A log slot as decoded: the order record, and its DR status entry if that decodes.
+type CachedSlot = Option<(OrderRecord, Option<DrStatusEntry>)>;
+
 /// A small message, carried inline so that actions need no allocation.
 #[derive(Clone, Copy, PartialEq, Eq)]
 pub struct OutMessage {
@@ -249,7 +252,7 @@ pub struct Dr<L> {
     /// The log's slots as decoded values, kept in step with every write to the log. The log is
     /// the persistent truth and is read back only at open; hot paths read this copy instead of
     /// decoding (and checksumming) a slot again each time they look at it.
-    slots: Box<[Option<(OrderRecord, Option<DrStatusEntry>)>]>,
+    slots: Box<[CachedSlot]>,
     /// Records of the batch being stored, decoded once by the check (at most a batch's worth).
     batch: Vec<OrderRecord>,
     actions: Vec<DrAction>,

@@ -530,7 +530,7 @@ impl OrderRecord {
         if self
             .volume_offset
             .checked_add(len)
-            .map_or(true, |end| end > geometry.volume_bytes)
+            .is_none_or(|end| end > geometry.volume_bytes)
         {
             return Err(DecodeError::OffsetOutOfRange {
                 offset: self.volume_offset,
@@ -541,7 +541,7 @@ impl OrderRecord {
         if self
             .ring_offset
             .checked_add(len)
-            .map_or(true, |end| end > geometry.ring_bytes)
+            .is_none_or(|end| end > geometry.ring_bytes)
         {
             return Err(DecodeError::RingPositionOutOfRange {
                 ring_offset: self.ring_offset,
@@ -2267,8 +2267,8 @@ mod tests {
                         body_len as u32
                     };
                     let mut bytes = raw_message(small(&mut rng), count, declared, &body);
-                    for at in 20..28 {
-                        bytes[at] = if rng.below(16) == 0 { rng.byte() } else { 0 };
+                    for byte in &mut bytes[20..28] {
+                        *byte = if rng.below(16) == 0 { rng.byte() } else { 0 };
                     }
                     fix_crc(&mut bytes, 28);
                     match Message::decode(&bytes) {
@@ -2321,8 +2321,8 @@ mod tests {
                     let mut bytes = [0u8; REFUSAL_BYTES];
                     rng.fill(&mut bytes);
                     bytes[0] = small(&mut rng);
-                    for at in 1..4 {
-                        bytes[at] = if rng.below(4) == 0 { rng.byte() } else { 0 };
+                    for byte in &mut bytes[1..4] {
+                        *byte = if rng.below(4) == 0 { rng.byte() } else { 0 };
                     }
                     match Refusal::decode(&bytes) {
                         Ok(refusal) => {
@@ -2337,8 +2337,8 @@ mod tests {
                     let mut bytes = [0u8; DR_STATUS_BYTES];
                     rng.fill(&mut bytes);
                     bytes[8] = small(&mut rng);
-                    for at in 9..12 {
-                        bytes[at] = if rng.below(4) == 0 { rng.byte() } else { 0 };
+                    for byte in &mut bytes[9..12] {
+                        *byte = if rng.below(4) == 0 { rng.byte() } else { 0 };
                     }
                     fix_crc(&mut bytes, 12);
                     match DrStatusEntry::decode(&bytes) {
