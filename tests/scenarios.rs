@@ -333,3 +333,60 @@ fn a_primary_without_a_lease_acknowledges_nothing() {
     );
     assert_invariants_hold(&world);
 }
+
+/// The bug behind seed 3013, as a sentence: with a four-slot log, ops 1-4 applied and ops 5-8
+/// held but not yet applied (their slots hold no "applied" mark at all), the DR crashes and
+/// restarts. It must still know it applied 1-4, then find 5-8 in its ring and apply them.
+#[test]
+fn a_dr_restarting_over_a_whole_lap_of_unapplied_records_keeps_its_prefix() {
+    let mut params = Params::scripted(Mode::OrderSync);
+    params.geometry.table_slots = 4;
+    params.partial_at_break = false;
+    let mut world = World::new(params);
+    for n in 1..=4 {
+        write(&mut world, n);
+    }
+    world.run_for(20 * MS);
+    assert_eq!(world.dr().expect("DR up").applied_through(), 4);
+    world.hold(Path::DrNotify);
+    for n in 5..=8 {
+        write(&mut world, n);
+    }
+    world.run_for(20 * MS);
+    let dr = world.dr().expect("DR up");
+    assert_eq!(
+        (dr.held_through(), dr.applied_through()),
+        (8, 4),
+        "5-8 held, not applied"
+    );
+
+    world.crash_dr();
+    world.restart_dr();
+    let dr = world.dr().expect("DR restarted");
+    assert!(dr.applied_through() >= 4, "the DR forgot it applied 1-4");
+    world.run_for(30 * MS);
+    assert_eq!(world.dr().expect("DR up").applied_through(), 8);
+    world.crash_primary();
+    assert_eq!(world.fail_over().cut, 8);
+    assert_invariants_hold(&world);
+}
+
+/// The bug behind seed 3376, as a sentence: payloads landed but the DR had not yet seen them
+/// when it crashed. After its restart it applies them from its ring at once, without waiting
+/// for any message from the primary (which holds their ring space until then).
+#[test]
+fn a_restarted_dr_applies_what_landed_before_its_crash_without_being_asked() {
+    let mut world = world(Mode::OrderSync);
+    world.hold(Path::DrNotify);
+    for n in 1..=3 {
+        write(&mut world, n);
+    }
+    world.run_for(10 * MS);
+    assert_eq!(world.dr().expect("DR up").applied_through(), 0);
+    world.crash_dr();
+    world.hold(Path::OrderToDr);
+    world.hold(Path::PayloadToDr);
+    world.restart_dr();
+    world.run_for(10 * MS);
+    assert_eq!(world.dr().expect("DR up").applied_through(), 3);
+}

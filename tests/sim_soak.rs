@@ -29,20 +29,23 @@ fn ten_thousand_seeds_hold_every_invariant() {
     );
 }
 
-/// Seeds that found bugs, kept so the bugs stay fixed:
+/// Seeds that found bugs. `Params::draw` has changed since most of them were found (slow
+/// clocks, operator failovers were added), so they now replay other runs; they stay as extra
+/// seeds, and each bug class has a test of its own that pins it:
 /// - 6: a batch delivered as its link broke lost its DR applies (simulator bug);
-/// - 30, 34, 63: payloads re-sent after reconnect decoded to seqs outside the DR window;
-/// - 3013: the DR forgot its applied prefix when a whole lap of its log held unapplied records;
-/// - 3376: a restarted DR did not resume applying, and the primary's ring stayed full;
+/// - 30, 34, 63: re-sent payloads decoded to seqs outside the DR window (`Dr::handle_payload_landed`);
+/// - 3013: the DR forgot its applied prefix when a whole lap of its log held unapplied records
+///   (scenario `a_dr_restarting_over_a_whole_lap_of_unapplied_records_keeps_its_prefix`);
+/// - 3376: a restarted DR did not resume applying (scenario
+///   `a_restarted_dr_applies_what_landed_before_its_crash_without_being_asked`);
 /// - 3582: a restarted aux fenced a live primary that had not yet reconnected (legitimate; the
 ///   simulator had called it a bug);
-/// - 12946: status writes landing out of order at a crash made the DR drop replicated ops;
-/// - 2092821: a primary cut off from the aux acknowledged a write after the DR was promoted
-///   (its order was held, its local write finished late); fixed with the primary's lease;
-/// - 17163: the checker took a sync-mode payload that had landed, been applied and overwritten
-///   for one that never arrived (checker bug);
-/// - 33055: a lease that lapsed and was renewed between two acknowledgement passes left two
-///   ops unacknowledged for good.
+/// - 12946: status writes landing out of order made the DR drop replicated ops (unit test
+///   `dr::tests::a_replicated_entry_vouches_for_every_op_below_it`);
+/// - 2092821: a primary cut off from the aux acknowledged a write after promotion (scenario
+///   `a_primary_without_a_lease_acknowledges_nothing`);
+/// - 17163: the checker mistook an applied, reused ring slot for a missing sync-mode payload;
+/// - 33055: a lease that lapsed and came back between two acknowledgement passes stranded ops.
 #[test]
 fn seeds_that_once_failed_hold() {
     for seed in [

@@ -176,6 +176,8 @@ pub struct Coverage {
     pub degraded_acks: u64,
     /// Old primaries that found themselves fenced after promotion.
     pub old_primaries_fenced: u64,
+    /// Local writes on the primary that failed (it stops; failover follows).
+    pub local_write_failures: u64,
 }
 
 impl Coverage {
@@ -197,10 +199,11 @@ impl Coverage {
         self.acks_after_promotion += other.acks_after_promotion;
         self.degraded_acks += other.degraded_acks;
         self.old_primaries_fenced += other.old_primaries_fenced;
+        self.local_write_failures += other.local_write_failures;
     }
 
     /// Name and count of every counter, for printing.
-    pub fn rows(&self) -> [(&'static str, u64); 17] {
+    pub fn rows(&self) -> [(&'static str, u64); 18] {
         [
             ("primary crashes", self.primary_crashes),
             ("primaries cut off from the aux", self.primary_cut_from_aux),
@@ -236,6 +239,10 @@ impl Coverage {
             (
                 "old primaries fenced after promotion",
                 self.old_primaries_fenced,
+            ),
+            (
+                "local writes that failed (primary stops)",
+                self.local_write_failures,
             ),
         ]
     }
@@ -311,6 +318,8 @@ pub struct World {
     pub(crate) volume_at_promotion: Option<Vec<u8>>,
     pub(crate) violations: Vec<Violation>,
     pub(crate) coverage: Coverage,
+    /// The next local write on the primary fails (`Fault::LocalWriteFailure`).
+    fail_next_local_write: bool,
     /// Seqs the old primary acknowledged after the DR was promoted (possible only with a slow
     /// clock; each must be applied or reported).
     pub(crate) acked_after_promotion: Vec<Seq>,
@@ -413,6 +422,7 @@ impl World {
             volume_at_promotion: None,
             violations: Vec::new(),
             coverage: Coverage::default(),
+            fail_next_local_write: false,
             acked_after_promotion: Vec::new(),
             trace: None,
             tick_pending: false,
@@ -701,10 +711,14 @@ impl World {
             Event::LocalWriteDone(seq) => {
                 if let Some(primary) = &mut self.primary {
                     if primary.stopped().is_none() {
-                        primary.handle_local_write_done(
-                            seq,
-                            self.now * self.params.primary_clock_percent / 100,
-                        );
+                        if std::mem::take(&mut self.fail_next_local_write) {
+                            primary.handle_local_write_failed(seq);
+                        } else {
+                            primary.handle_local_write_done(
+                                seq,
+                                self.now * self.params.primary_clock_percent / 100,
+                            );
+                        }
                         self.run_primary_actions();
                     }
                 }
@@ -929,17 +943,20 @@ impl World {
                 // Being fenced is the expected end once the aux or the DR has fenced (a false
                 // alarm on a live primary included); any other stop is a bug.
                 let fenced = self.aux_revoked || self.ring_revoked || self.phase > Phase::Running;
-                let expected = matches!(
+                // A failed local write is a reason to stop when the simulator injected it.
+                let expected = (matches!(
                     why,
                     PrimaryStop::FencedByAux | PrimaryStop::FencedByDr { .. }
-                ) && fenced;
-                if expected {
-                    self.coverage.old_primaries_fenced += 1;
-                } else {
+                ) && fenced)
+                    || (matches!(why, PrimaryStop::LocalWriteFailed { .. })
+                        && self.coverage.local_write_failures > 0);
+                if !expected {
                     self.violations.push(Violation::Protocol(format!(
                         "primary stopped in phase {:?}: {why:?}",
                         self.phase
                     )));
+                } else if !matches!(why, PrimaryStop::LocalWriteFailed { .. }) {
+                    self.coverage.old_primaries_fenced += 1;
                 }
                 self.workload_on = false;
                 self.drop_waiting_clients();
@@ -1496,6 +1513,10 @@ impl World {
                 // Reconnection is not possible before the link is back.
                 self.dr_link_lost = true;
                 self.schedule_in(down_ns, Event::DrLinkBack);
+            }
+            Fault::LocalWriteFailure => {
+                self.coverage.local_write_failures += 1;
+                self.fail_next_local_write = true;
             }
             Fault::SlowDrLink { factor, for_ns } => {
                 self.coverage.slow_links += 1;
