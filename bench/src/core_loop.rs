@@ -6,6 +6,8 @@
 //!
 //! One-sided writes cost nothing here: the primary's staging ring *is* the DR's ring (the same
 //! buffer), so a payload "lands" the moment it is posted, exactly as if the NIC had copied it.
+//! Consecutive completions of one kind are reported together, as one poll of a completion
+//! queue returns them.
 
 use std::collections::VecDeque;
 
@@ -134,14 +136,30 @@ pub fn run(config: CoreLoopConfig) -> u64 {
                 dr.handle_order_batch(bytes, &ring).expect("valid batch");
             }
             Step::PayloadLanded { seq, imm } => {
-                primary.handle_payload_write_done(seq, NOW);
+                // Completions are taken as a poll of the completion queue returns them: every
+                // landing is verified by the DR, and the primary hears once, of the last one.
                 dr.handle_payload_landed(imm, &ring)
                     .expect("payload verifies");
+                let mut through = seq;
+                while let Some(&Step::PayloadLanded { seq, imm }) = steps.front() {
+                    steps.pop_front();
+                    dr.handle_payload_landed(imm, &ring)
+                        .expect("payload verifies");
+                    through = seq;
+                }
+                primary.handle_payload_write_done(through, NOW);
             }
             Step::DrMessage(message) => primary
                 .handle_dr_message(message.as_bytes(), NOW)
                 .expect("valid DR message"),
-            Step::ApplyDone(seq) => dr.handle_apply_done(seq),
+            Step::ApplyDone(seq) => {
+                let mut through = seq;
+                while let Some(&Step::ApplyDone(seq)) = steps.front() {
+                    steps.pop_front();
+                    through = seq;
+                }
+                dr.handle_apply_done(through);
+            }
             Step::AuxDone(tag) => primary.handle_aux_write_done(tag, NOW),
         }
         dr.swap_actions(&mut dr_actions);

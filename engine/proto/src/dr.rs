@@ -717,19 +717,24 @@ impl<L: AsRef<[u8]> + AsMut<[u8]>> Dr<L> {
         Ok(())
     }
 
-    /// The volume write for `seq` is durable.
-    pub fn handle_apply_done(&mut self, seq: Seq) {
-        // With the `ApplyPastGap` bug the DR skips seqs, and believes it may.
-        if !self.config.mutations.is_on(Mutation::ApplyPastGap) {
-            assert_eq!(seq, self.applied_through + 1, "applies complete in order");
-        }
+    /// The volume writes of every apply up to and including `through` are durable (applies
+    /// complete in order; a runtime may report a whole poll of them with the last seq).
+    ///
+    /// Only `through` is marked "applied" in the log. Recovery takes the highest mark as the
+    /// applied prefix and applies what follows again: the same bytes to the same places, from
+    /// ring space the primary still keeps, because credits never run ahead of the marks.
+    pub fn handle_apply_done(&mut self, through: Seq) {
         assert!(
-            seq <= self.apply_posted_through,
-            "apply {seq} was never posted"
+            through > self.applied_through,
+            "apply completion {through} reported twice"
         );
-        self.write_status(seq, DrStatus::Applied);
-        self.applied_through = seq;
-        self.stats.applied += 1;
+        assert!(
+            through <= self.apply_posted_through,
+            "apply {through} was never posted"
+        );
+        self.write_status(through, DrStatus::Applied);
+        self.stats.applied += through - self.applied_through;
+        self.applied_through = through;
         match self.role {
             DrRole::Replica => {
                 self.schedule_applies();

@@ -320,6 +320,10 @@ pub struct World {
     pub(crate) coverage: Coverage,
     /// The next local write on the primary fails (`Fault::LocalWriteFailure`).
     fail_next_local_write: bool,
+    /// Applies of the current DR incarnation not yet completed.
+    applies_in_flight: u64,
+    /// The last apply completed but not yet reported to the DR (reported in batches).
+    apply_done_unreported: Option<Seq>,
     /// Seqs the old primary acknowledged after the DR was promoted (possible only with a slow
     /// clock; each must be applied or reported).
     pub(crate) acked_after_promotion: Vec<Seq>,
@@ -423,6 +427,8 @@ impl World {
             violations: Vec::new(),
             coverage: Coverage::default(),
             fail_next_local_write: false,
+            applies_in_flight: 0,
+            apply_done_unreported: None,
             acked_after_promotion: Vec::new(),
             trace: None,
             tick_pending: false,
@@ -1050,6 +1056,7 @@ impl World {
                             "seq {seq} applied but never written by a client"
                         ))),
                     }
+                    self.applies_in_flight += 1;
                     self.launch(
                         Path::Apply,
                         Cargo::Apply {
@@ -1203,9 +1210,16 @@ impl World {
             } => {
                 self.dr_volume[volume_offset as usize..volume_offset as usize + data.len()]
                     .copy_from_slice(&data);
-                let dr = self.dr.as_mut().expect("current incarnation");
-                dr.handle_apply_done(seq);
-                self.run_dr_actions();
+                self.applies_in_flight -= 1;
+                // Like a runtime polling its completions, the world sometimes reports several
+                // applies at once, with the last seq (the DR then marks only that one).
+                self.apply_done_unreported = Some(seq);
+                if self.applies_in_flight == 0 || self.rng.chance(1, 2) {
+                    let through = self.apply_done_unreported.take().expect("just set");
+                    let dr = self.dr.as_mut().expect("current incarnation");
+                    dr.handle_apply_done(through);
+                    self.run_dr_actions();
+                }
             }
         }
     }
@@ -1495,6 +1509,10 @@ impl World {
                     }
                 }
                 self.dr_log_at_rest = Some(dr.into_log());
+                // Completions not yet reported die with the process; the restarted DR applies
+                // those ops again from its ring.
+                self.applies_in_flight = 0;
+                self.apply_done_unreported = None;
                 self.dr_incarnation += 1;
                 self.schedule_in(down_ns, Event::Restart(Node::Dr));
             }
