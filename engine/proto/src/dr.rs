@@ -340,7 +340,7 @@ impl<L: AsRef<[u8]> + AsMut<[u8]>> Dr<L> {
             stats: DrStats::default(),
         };
         dr.slots = (0..geometry.table_slots as usize)
-            .map(|slot| read_log_slot(dr.log.as_ref(), slot))
+            .map(|slot| read_log_slot(dr.log.as_ref(), &geometry, slot))
             .collect();
         dr.recover_cursors(ring);
         // Payloads found landed must be applied now: waiting for the next message could wait
@@ -862,8 +862,16 @@ impl<L: AsRef<[u8]> + AsMut<[u8]>> Dr<L> {
                 .filter_map(|slot| {
                     let at = AUX_ENTRIES_OFFSET + slot * AUX_ENTRY_BYTES;
                     let entry = AuxEntry::decode(area.get(at..at + AUX_ENTRY_BYTES)?).ok()??;
+                    // The aux's memory is untrusted input like any other: the entry must be of this
+                    // epoch, in its seq's slot, with a seq and a byte range that make sense.
+                    let in_volume = entry
+                        .volume_offset
+                        .checked_add(u64::from(entry.len))
+                        .is_some_and(|end| end <= geometry.volume_bytes);
                     (entry.epoch == epoch
                         && entry.seq > self.held_through
+                        && entry.seq < SEQ_LIMIT
+                        && in_volume
                         && geometry.slot_of(entry.seq) == slot)
                         .then_some(LostWrite {
                             seq: entry.seq,
@@ -902,7 +910,7 @@ impl<L: AsRef<[u8]> + AsMut<[u8]>> Dr<L> {
     fn read_slot(&self, slot: usize) -> Option<(OrderRecord, Option<DrStatusEntry>)> {
         debug_assert_eq!(
             self.slots[slot],
-            read_log_slot(self.log.as_ref(), slot),
+            read_log_slot(self.log.as_ref(), &self.config.geometry, slot),
             "slot copy out of step with the log"
         );
         self.slots[slot]
@@ -995,6 +1003,7 @@ pub fn replicated_watermark(aux_area: &[u8], geometry: &Geometry, epoch: Epoch) 
             let entry = AuxEntry::decode(aux_area.get(at..at + AUX_ENTRY_BYTES)?).ok()??;
             let genuine = entry.epoch == epoch
                 && entry.status == PrimaryStatus::Replicated
+                && entry.seq < SEQ_LIMIT
                 && geometry.slot_of(entry.seq) == slot;
             genuine.then_some(entry.seq)
         })
@@ -1002,10 +1011,22 @@ pub fn replicated_watermark(aux_area: &[u8], geometry: &Geometry, epoch: Epoch) 
         .unwrap_or(0)
 }
 
-fn read_log_slot(log: &[u8], slot: usize) -> Option<(OrderRecord, Option<DrStatusEntry>)> {
+/// Seqs at or above this are refused when read back from disk: far beyond any real stream
+/// (2^62 writes), and it keeps the cursor arithmetic clear of overflow.
+const SEQ_LIMIT: Seq = 1 << 62;
+
+fn read_log_slot(log: &[u8], geometry: &Geometry, slot: usize) -> CachedSlot {
     let at = 2 * REGION_HEADER_BYTES + slot * DR_LOG_SLOT_BYTES;
     let bytes = log.get(at..at + DR_LOG_SLOT_BYTES)?;
     let record = OrderRecord::decode(&bytes[..ORDER_RECORD_BYTES]).ok()?;
+    // A record read back from disk is as untrusted as one off the wire (a damaged or tampered
+    // file can carry a valid checksum): it must fit this geometry and sit in its seq's slot.
+    if record.validate(geometry).is_err()
+        || record.seq >= SEQ_LIMIT
+        || geometry.slot_of(record.seq) != slot
+    {
+        return None;
+    }
     Some((
         record,
         DrStatusEntry::decode(&bytes[ORDER_RECORD_BYTES..]).ok(),
@@ -1014,7 +1035,7 @@ fn read_log_slot(log: &[u8], slot: usize) -> Option<(OrderRecord, Option<DrStatu
 
 /// The order record for `seq` in a DR log region at rest (no DR running), if it holds one.
 pub fn log_record(log: &[u8], geometry: &Geometry, seq: Seq) -> Option<OrderRecord> {
-    let (record, _) = read_log_slot(log, geometry.slot_of(seq))?;
+    let (record, _) = read_log_slot(log, geometry, geometry.slot_of(seq))?;
     (record.seq == seq).then_some(record)
 }
 
@@ -1115,6 +1136,29 @@ mod tests {
             })
             .collect();
         assert_eq!(applied, vec![1, 2, 3, 4]);
+    }
+
+    /// A log slot read back from disk is untrusted: a record with a valid checksum but a ring
+    /// position outside the ring (a damaged or foreign file) is ignored at open, not trusted
+    /// until it makes the DR read outside its ring.
+    #[test]
+    fn a_tampered_log_record_is_ignored_at_open() {
+        let geometry = sample_geometry();
+        let mut ring = vec![0u8; geometry.ring_bytes as usize];
+        let dr = dr_holding(2, &mut ring);
+        let mut log = dr.into_log();
+        let at = 2 * REGION_HEADER_BYTES + geometry.slot_of(2) * DR_LOG_SLOT_BYTES;
+        let mut record =
+            OrderRecord::decode(&log[at..at + ORDER_RECORD_BYTES]).expect("stored record");
+        record.ring_offset = geometry.ring_bytes; // Beyond the ring, with a valid checksum.
+        record.encode(&mut log[at..at + ORDER_RECORD_BYTES]);
+        let reopened = Dr::open(DrConfig::new(geometry), log, 1, &ring).expect("opens");
+        assert_eq!(
+            reopened.held_through(),
+            1,
+            "op 2's record must not be trusted"
+        );
+        assert_eq!(reopened.held_record(2), None);
     }
 
     /// Without the aux table nothing the DR did not see land may be applied: all are lost, each
