@@ -9,7 +9,7 @@
 //! the cursors are recomputed from the slots (see [`Dr::open`]).
 
 use crate::checksum::crc32c;
-use crate::config::{Epoch, Geometry, Mutation, Mutations, Seq};
+use crate::config::{Epoch, Geometry, GeometryError, Mutation, Mutations, Seq};
 use crate::primary::AUX_ENTRIES_OFFSET;
 use crate::wire::{
     AuxEntry, DecodeError, DrState, DrStatus, DrStatusEntry, Message, MessageKind, OrderRecord,
@@ -124,7 +124,12 @@ pub enum DrRole {
 /// Why the DR log region cannot be opened.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum OpenError {
-    TooSmall { needed: usize, got: usize },
+    /// The geometry asked for is itself unusable.
+    InvalidGeometry(GeometryError),
+    TooSmall {
+        needed: usize,
+        got: usize,
+    },
     Header(DecodeError),
     Geometry(DecodeError),
 }
@@ -132,6 +137,7 @@ pub enum OpenError {
 impl std::fmt::Display for OpenError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
+            OpenError::InvalidGeometry(error) => write!(f, "cannot open a DR log: {error}"),
             OpenError::TooSmall { needed, got } => {
                 write!(f, "DR log region is {got} bytes, needs {needed}")
             }
@@ -271,13 +277,7 @@ impl<L: AsRef<[u8]> + AsMut<[u8]>> Dr<L> {
         ring: &[u8],
     ) -> Result<Self, OpenError> {
         let geometry = config.geometry;
-        geometry.validate().map_err(|error| {
-            OpenError::Geometry(DecodeError::GeometryMismatch {
-                field: "geometry",
-                ours: 0,
-                theirs: error.0.len() as u64,
-            })
-        })?;
+        geometry.validate().map_err(OpenError::InvalidGeometry)?;
         let needed = dr_log_bytes(geometry.table_slots);
         let got = log.as_ref().len();
         if got < needed {
@@ -1159,6 +1159,25 @@ mod tests {
             "op 2's record must not be trusted"
         );
         assert_eq!(reopened.held_record(2), None);
+    }
+
+    /// An unusable geometry is refused at open with a message that says what is wrong.
+    #[test]
+    fn an_invalid_geometry_is_refused_at_open() {
+        let geometry = Geometry {
+            table_slots: 3,
+            ..sample_geometry()
+        };
+        let ring = vec![0u8; geometry.ring_bytes as usize];
+        let error = Dr::open(DrConfig::new(geometry), vec![0u8; 1 << 16], 1, &ring)
+            .expect_err("3 slots is not a power of two");
+        assert!(matches!(error, OpenError::InvalidGeometry(_)));
+        assert!(
+            error
+                .to_string()
+                .contains("table slots 3 is not a power of two"),
+            "{error}"
+        );
     }
 
     /// Without the aux table nothing the DR did not see land may be applied: all are lost, each

@@ -1461,12 +1461,9 @@ impl World {
             );
             self.run_primary_actions();
         }
-        if !revoked {
-            self.schedule_aux_link_up();
-        } else {
-            // The primary will try again and meet the revoked region (remote access error).
-            self.schedule_aux_link_up();
-        }
+        // The primary reconnects later; if the access was revoked, it then meets the revoked
+        // region (a remote access error) and learns it is fenced.
+        self.schedule_aux_link_up();
     }
 
     fn inject(&mut self, index: usize) {
