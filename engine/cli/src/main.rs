@@ -1,14 +1,17 @@
 //! `ordinal`: the command-line entry point.
 //!
-//! Today it offers `ordinal sim`, the seeded fault simulator that anyone can run to re-check a
-//! build: every seed is a whole primary/DR/aux run with injected faults, ending in a failover
-//! whose outcome is checked against the invariants I1-I6.
+//! The daemons (`primary`, `dr`, `aux`), the operator commands (`failover`, `status`), the
+//! one-command `demo` of a whole system on this machine, and `sim`, the seeded fault simulator
+//! that re-checks the protocol's invariants I1-I6 over many crash schedules.
 
 use std::io::Write;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+mod demo;
+mod node;
+mod report;
 mod sim;
 
 #[derive(Parser, Debug)]
@@ -24,6 +27,19 @@ struct Cli {
 
 #[derive(Subcommand, Debug)]
 enum Command {
+    /// Serve a volume and replicate it to the DR (NBD export, operator requests).
+    Primary(node::PrimaryArgs),
+    /// Hold the DR copy: receive orders and payloads, apply them, fail over when asked.
+    Dr(node::DrArgs),
+    /// Hold the primary's status table next to it and watch its heartbeat.
+    Aux(node::AuxArgs),
+    /// On the DR: fence the primary, recover from the aux's table, promote, print the loss report.
+    Failover(node::FailoverArgs),
+    /// Show a daemon's role, epoch, progress, lag and peers.
+    Status(node::StatusArgs),
+    /// Start aux, DR and primary on loopback, write through NBD, kill -9 a node mid-flight, fail
+    /// over and verify the DR volume byte for byte.
+    Demo(demo::DemoArgs),
     /// Run the deterministic fault simulator over many seeds and check I1-I6 after every failover.
     Sim(sim::SimArgs),
 }
@@ -32,6 +48,12 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Sim(args) => sim::run(args),
+        Command::Primary(args) => node::primary(args),
+        Command::Dr(args) => node::dr(args),
+        Command::Aux(args) => node::aux(args),
+        Command::Failover(args) => node::failover(args),
+        Command::Status(args) => node::status(args),
+        Command::Demo(args) => demo::run(args),
     };
     match result {
         Ok(code) => code,

@@ -1,0 +1,578 @@
+//! `ordinal demo`: a whole primary/DR/aux system on this machine, driven through NBD, with a
+//! node killed (`kill -9`) mid-flight, a failover, and a byte-for-byte check of the DR volume
+//! against an expected image computed independently of the engine.
+//!
+//! The checks, named after SPEC's invariants, use only what the client and the operator see:
+//! the writes sent (NBD write number k is op k: one connection, admitted in arrival order), which
+//! were acknowledged, the loss report and the DR volume's bytes.
+//! - I1/I3: the DR volume equals the initial image with writes 1..=cut applied in order.
+//! - Report: the lost ops are exactly cut+1.., each with the byte range the client wrote.
+//! - I4: every acknowledged write is within the cut or reported lost.
+//! - I6 (order-sync): every acknowledged write's order was held by the DR.
+
+use std::io::{BufRead, BufReader, Write};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitCode, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use clap::Args;
+
+use crate::report::LossSummary;
+
+const VOLUME_BYTES: u64 = 64 << 20;
+const BLOCK_BYTES: u64 = 4096;
+const WRITE_BLOCKS_MAX: u64 = 16;
+const QUEUE_DEPTH: u64 = 32;
+
+#[derive(Args, Debug, Clone)]
+pub struct DemoArgs {
+    /// How many independent runs (each: start, load, kill, fail over, verify).
+    #[arg(long, default_value_t = 1)]
+    pub runs: u64,
+    /// Seed of the first run (workload and kill instant); later runs use the next seeds.
+    #[arg(long, default_value_t = 1)]
+    pub seed: u64,
+    /// Which node to kill -9 under load: primary, or dr / aux (killed and restarted under load,
+    /// then the primary is killed).
+    #[arg(long, default_value = "primary")]
+    pub kill: String,
+    /// Writes acknowledged before the kill, at most (the instant is drawn per run).
+    #[arg(long, default_value_t = 3000)]
+    pub writes: u64,
+    /// Print one line per run instead of the full demo output.
+    #[arg(long)]
+    pub quiet: bool,
+    /// Keep the run directories (logs, volumes, state) for inspection.
+    #[arg(long)]
+    pub keep: bool,
+}
+
+struct Rng(u64);
+impl Rng {
+    fn next(&mut self) -> u64 {
+        // splitmix64: small, fast and good enough for drawing offsets and instants.
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+}
+
+/// The bytes of write `k` of run `seed`: every 8-byte word names the write, so a misplaced or
+/// stale block is recognisable in a dump.
+fn write_bytes(seed: u64, k: u64, len: usize) -> Vec<u8> {
+    let mut out = Vec::with_capacity(len);
+    for word in 0..len / 8 {
+        let value = (seed << 48) ^ (k << 20) ^ word as u64;
+        out.extend_from_slice(&value.to_le_bytes());
+    }
+    out
+}
+
+struct Node {
+    child: Child,
+    args: Vec<String>,
+    log: PathBuf,
+}
+
+fn spawn(
+    exe: &Path,
+    args: &[String],
+    log: &Path,
+    expect: &[&str],
+) -> Result<(Node, Vec<SocketAddr>), String> {
+    let log_file = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)
+        .map_err(|error| format!("cannot open {}: {error}", log.display()))?;
+    let mut child = Command::new(exe)
+        .args(args)
+        .stdout(Stdio::piped())
+        .stderr(log_file)
+        .spawn()
+        .map_err(|error| format!("cannot start {}: {error}", exe.display()))?;
+    let stdout = child.stdout.take().expect("piped");
+    let mut lines = BufReader::new(stdout).lines();
+    let mut addrs = Vec::new();
+    for what in expect {
+        let line = lines
+            .next()
+            .ok_or_else(|| format!("{} exited during start-up; see {}", args[0], log.display()))?
+            .map_err(|error| error.to_string())?;
+        if !line.contains(what) {
+            return Err(format!("{}: unexpected start-up line {line:?}", args[0]));
+        }
+        let addr = line
+            .rsplit(' ')
+            .next()
+            .and_then(|a| a.parse().ok())
+            .ok_or_else(|| format!("{}: no address in {line:?}", args[0]))?;
+        addrs.push(addr);
+    }
+    // Keep draining stdout so the child never blocks on a full pipe.
+    std::thread::spawn(move || for _ in lines {});
+    Ok((
+        Node {
+            child,
+            args: args.to_vec(),
+            log: log.to_path_buf(),
+        },
+        addrs,
+    ))
+}
+
+impl Node {
+    fn kill(&mut self) {
+        let _ = self.child.kill(); // SIGKILL: no chance to clean up, as a crash.
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// What one run established.
+pub struct RunOutcome {
+    pub seed: u64,
+    pub sent: u64,
+    pub acked: u64,
+    pub report: LossSummary,
+    pub acked_lost: u64,
+    pub latencies_us: hdrhistogram::Histogram<u64>,
+    pub elapsed: Duration,
+    pub violations: Vec<String>,
+}
+
+struct Workload {
+    /// (offset, len) of write k at index k - 1.
+    writes: Mutex<Vec<(u64, u64)>>,
+    acked: Mutex<Vec<bool>>,
+    acked_count: AtomicU64,
+    replied: AtomicU64,
+    stop: AtomicBool,
+    latencies_us: Mutex<hdrhistogram::Histogram<u64>>,
+}
+
+fn start_workload(
+    nbd: SocketAddr,
+    seed: u64,
+) -> Result<(Arc<Workload>, Vec<std::thread::JoinHandle<()>>), String> {
+    let client = ordinal_nbd::Client::connect(nbd, "ordinal", Duration::from_secs(10))
+        .map_err(|error| format!("NBD connect to {nbd}: {error}"))?;
+    let (mut sender, mut receiver) = client.into_split();
+    let workload = Arc::new(Workload {
+        writes: Mutex::new(Vec::new()),
+        acked: Mutex::new(Vec::new()),
+        acked_count: AtomicU64::new(0),
+        replied: AtomicU64::new(0),
+        stop: AtomicBool::new(false),
+        latencies_us: Mutex::new(
+            hdrhistogram::Histogram::new_with_bounds(1, 60_000_000, 3).expect("bounds"),
+        ),
+    });
+    let sent_at: Arc<Mutex<Vec<Instant>>> = Arc::new(Mutex::new(Vec::new()));
+    let (w, times) = (workload.clone(), sent_at.clone());
+    let sender_thread = std::thread::spawn(move || {
+        let mut rng = Rng(seed);
+        let mut k = 0u64;
+        while !w.stop.load(Ordering::Relaxed) {
+            if k - w.replied.load(Ordering::Acquire) >= QUEUE_DEPTH {
+                std::thread::sleep(Duration::from_micros(50));
+                continue;
+            }
+            k += 1;
+            let len = BLOCK_BYTES * (1 + rng.below(WRITE_BLOCKS_MAX));
+            let offset = BLOCK_BYTES * rng.below((VOLUME_BYTES - len) / BLOCK_BYTES + 1);
+            let data = write_bytes(seed, k, len as usize);
+            w.writes.lock().expect("lock").push((offset, len));
+            w.acked.lock().expect("lock").push(false);
+            times.lock().expect("lock").push(Instant::now());
+            if sender.send_write(k, offset, &data).is_err() {
+                return;
+            }
+        }
+    });
+    let w = workload.clone();
+    let receiver_thread = std::thread::spawn(move || {
+        while let Ok(reply) = receiver.recv_reply() {
+            let k = reply.handle;
+            w.replied.fetch_add(1, Ordering::Release);
+            if reply.error == 0 && k >= 1 {
+                let latency = sent_at.lock().expect("lock")[(k - 1) as usize].elapsed();
+                w.acked.lock().expect("lock")[(k - 1) as usize] = true;
+                w.acked_count.fetch_add(1, Ordering::Release);
+                let _ = w
+                    .latencies_us
+                    .lock()
+                    .expect("lock")
+                    .record(latency.as_micros().max(1) as u64);
+            }
+        }
+    });
+    Ok((workload, vec![sender_thread, receiver_thread]))
+}
+
+fn wait_for_acks(workload: &Workload, target: u64, limit: Duration) -> Result<(), String> {
+    let start = Instant::now();
+    while workload.acked_count.load(Ordering::Acquire) < target {
+        if start.elapsed() > limit {
+            return Err(format!(
+                "only {} of {target} writes acknowledged after {} s",
+                workload.acked_count.load(Ordering::Acquire),
+                limit.as_secs()
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    Ok(())
+}
+
+pub fn run_once(
+    exe: &Path,
+    seed: u64,
+    kill: &str,
+    writes_max: u64,
+    dir: &Path,
+) -> Result<RunOutcome, String> {
+    let started = Instant::now();
+    std::fs::create_dir_all(dir)
+        .map_err(|error| format!("cannot create {}: {error}", dir.display()))?;
+    let mut rng = Rng(seed ^ 0xD1B5_4A32_D192_ED03);
+    let psk_path = dir.join("psk");
+    let mut key = [0u8; 32];
+    ordinal_runtime::fill_random(&mut key);
+    let key: String = key.iter().map(|b| format!("{b:02x}")).collect();
+    std::fs::write(&psk_path, &key).map_err(|error| error.to_string())?;
+    for name in ["primary.vol", "dr.vol"] {
+        let file = std::fs::File::create(dir.join(name)).map_err(|error| error.to_string())?;
+        file.set_len(VOLUME_BYTES)
+            .map_err(|error| error.to_string())?;
+    }
+    let path = |name: &str| dir.join(name).to_string_lossy().into_owned();
+    let common = |role: &str| -> Vec<String> {
+        vec![
+            role.to_string(),
+            "--psk-file".into(),
+            path("psk"),
+            "--state-dir".into(),
+            path(&format!("{role}-state")),
+            "--ring-mib".into(),
+            "16".into(),
+            "--table-slots".into(),
+            "1024".into(),
+            "--max-write-kib".into(),
+            "64".into(),
+        ]
+    };
+    let mut aux_args = common("aux");
+    aux_args.extend(["--listen".into(), "127.0.0.1:0".into()]);
+    let (mut aux, addrs) = spawn(exe, &aux_args, &dir.join("aux.log"), &["listening on"])?;
+    let aux_addr = addrs[0];
+    let mut dr_args = common("dr");
+    dr_args.extend([
+        "--listen".into(),
+        "127.0.0.1:0".into(),
+        "--volume".into(),
+        path("dr.vol"),
+        "--aux".into(),
+        aux_addr.to_string(),
+    ]);
+    let (mut dr, addrs) = spawn(exe, &dr_args, &dir.join("dr.log"), &["listening on"])?;
+    let dr_addr = addrs[0];
+    let mut primary_args = common("primary");
+    primary_args.extend([
+        "--listen".into(),
+        "127.0.0.1:0".into(),
+        "--nbd-listen".into(),
+        "127.0.0.1:0".into(),
+        "--volume".into(),
+        path("primary.vol"),
+        "--dr".into(),
+        dr_addr.to_string(),
+        "--aux".into(),
+        aux_addr.to_string(),
+    ]);
+    let (mut primary, addrs) = spawn(
+        exe,
+        &primary_args,
+        &dir.join("primary.log"),
+        &["listening on", "serving NBD on"],
+    )?;
+    let (workload, threads) = start_workload(addrs[1], seed)?;
+    let kill_after = 1 + rng.below(writes_max.max(1));
+    let limit = Duration::from_secs(60);
+    match kill {
+        "primary" => {}
+        "dr" | "aux" => {
+            wait_for_acks(&workload, kill_after / 2, limit)?;
+            let node = if kill == "dr" { &mut dr } else { &mut aux };
+            node.kill();
+            std::thread::sleep(Duration::from_millis(rng.below(300)));
+            // Restart on the same address (it was announced; the others reconnect to it).
+            let addr = if kill == "dr" { dr_addr } else { aux_addr };
+            let mut args = node.args.clone();
+            let at = args
+                .iter()
+                .position(|a| a == "--listen")
+                .expect("listen flag")
+                + 1;
+            args[at] = addr.to_string();
+            let log = node.log.clone();
+            let (restarted, _) = spawn(exe, &args, &log, &["listening on"])?;
+            *node = restarted;
+        }
+        other => {
+            return Err(format!(
+                "unknown node to kill {other:?}: use primary, dr or aux"
+            ))
+        }
+    }
+    wait_for_acks(&workload, kill_after, limit)?;
+    // Let a random slice of in-flight work proceed, then crash the primary mid-flight.
+    std::thread::sleep(Duration::from_micros(rng.below(3000)));
+    primary.kill();
+    workload.stop.store(true, Ordering::Relaxed);
+    let psk = key.into_bytes();
+    let report_json =
+        ordinal_runtime::admin::request(dr_addr, &psk, "failover", Duration::from_secs(60))?;
+    let report = LossSummary::parse(&report_json)?;
+    std::fs::write(dir.join("loss-report.json"), &report_json)
+        .map_err(|error| error.to_string())?;
+    for thread in threads {
+        let _ = thread.join();
+    }
+    dr.kill();
+    aux.kill();
+    let dr_volume = std::fs::read(dir.join("dr.vol")).map_err(|error| error.to_string())?;
+    let writes = workload.writes.lock().expect("lock").clone();
+    let acked = workload.acked.lock().expect("lock").clone();
+    let violations = verify(seed, &writes, &acked, &report, &dr_volume);
+    let acked_lost = report
+        .lost
+        .iter()
+        .filter(|entry| {
+            acked
+                .get((entry.seq - 1) as usize)
+                .copied()
+                .unwrap_or(false)
+        })
+        .count() as u64;
+    let latencies_us = workload.latencies_us.lock().expect("lock").clone();
+    Ok(RunOutcome {
+        seed,
+        sent: writes.len() as u64,
+        acked: acked.iter().filter(|a| **a).count() as u64,
+        report,
+        acked_lost,
+        latencies_us,
+        elapsed: started.elapsed(),
+        violations,
+    })
+}
+
+fn verify(
+    seed: u64,
+    writes: &[(u64, u64)],
+    acked: &[bool],
+    report: &LossSummary,
+    dr_volume: &[u8],
+) -> Vec<String> {
+    let mut violations = Vec::new();
+    let sent = writes.len() as u64;
+    if report.cut > sent {
+        violations.push(format!(
+            "report: cut {} is beyond the {sent} writes sent",
+            report.cut
+        ));
+        return violations;
+    }
+    for (index, entry) in report.lost.iter().enumerate() {
+        let expected_seq = report.cut + 1 + index as u64;
+        if entry.seq != expected_seq {
+            violations.push(format!(
+                "report: lost entry {index} is op {}, expected op {expected_seq}",
+                entry.seq
+            ));
+            break;
+        }
+        match writes.get((entry.seq - 1) as usize) {
+            Some(&(offset, len)) if offset == entry.volume_offset && len == entry.len => {}
+            Some(&(offset, len)) => violations.push(format!(
+                "report: lost op {} is at {}+{}, but the client wrote {offset}+{len}",
+                entry.seq, entry.volume_offset, entry.len
+            )),
+            None => violations.push(format!("report: lost op {} was never sent", entry.seq)),
+        }
+        if entry.reason == "checksum_mismatch" {
+            violations.push(format!(
+                "I3: op {} failed its checksum though nothing corrupted it",
+                entry.seq
+            ));
+        }
+    }
+    let lost_through = report.cut + report.lost.len() as u64;
+    for (index, &was_acked) in acked.iter().enumerate() {
+        let k = index as u64 + 1;
+        if was_acked && k > lost_through {
+            violations.push(format!(
+                "I4: acknowledged write {k} is neither applied (cut {}) nor reported lost",
+                report.cut
+            ));
+            break;
+        }
+        if was_acked && k > report.held_through {
+            violations.push(format!(
+                "I6: acknowledged write {k} is beyond the DR's held orders ({})",
+                report.held_through
+            ));
+            break;
+        }
+    }
+    let mut expected = vec![0u8; VOLUME_BYTES as usize];
+    for (index, &(offset, len)) in writes.iter().take(report.cut as usize).enumerate() {
+        let bytes = write_bytes(seed, index as u64 + 1, len as usize);
+        expected[offset as usize..(offset + len) as usize].copy_from_slice(&bytes);
+    }
+    if dr_volume.len() != expected.len() {
+        violations.push(format!(
+            "I1: DR volume is {} bytes, expected {}",
+            dr_volume.len(),
+            expected.len()
+        ));
+    } else if let Some(at) = dr_volume.iter().zip(&expected).position(|(a, b)| a != b) {
+        violations.push(format!(
+            "I1: DR volume differs from writes 1..={} applied in order, first at byte {at}",
+            report.cut
+        ));
+    }
+    violations
+}
+
+pub fn run(args: DemoArgs) -> Result<ExitCode, String> {
+    let exe = std::env::current_exe().map_err(|error| error.to_string())?;
+    let base = std::env::temp_dir().join(format!("ordinal-demo-{}", std::process::id()));
+    let mut failed = 0u64;
+    let mut total =
+        hdrhistogram::Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("bounds");
+    let started = Instant::now();
+    for run in 0..args.runs {
+        let seed = args.seed + run;
+        let dir = base.join(format!("seed-{seed}"));
+        if !args.quiet {
+            println!(
+                "ordinal demo: aux, DR and primary on loopback (run directory {})",
+                dir.display()
+            );
+            println!(
+                "driving writes over NBD; node to kill -9 mid-flight: {}",
+                args.kill
+            );
+        }
+        let outcome = run_once(&exe, seed, &args.kill, args.writes, &dir);
+        let outcome = match outcome {
+            Ok(outcome) => outcome,
+            Err(error) => {
+                failed += 1;
+                println!(
+                    "seed {seed}: FAILED to run: {error} (logs in {})",
+                    dir.display()
+                );
+                continue;
+            }
+        };
+        total.add(&outcome.latencies_us).expect("same bounds");
+        let verdict = if outcome.violations.is_empty() {
+            "verified"
+        } else {
+            "VIOLATED"
+        };
+        if args.quiet {
+            println!(
+                "seed {seed}: kill {} after {} acked of {} sent; cut {}, {} recovered from the ring, {} lost ({} of them acked): {verdict} ({:.1} s)",
+                args.kill, outcome.acked, outcome.sent, outcome.report.cut, outcome.report.applied_from_ring,
+                outcome.report.lost.len(), outcome.acked_lost, outcome.elapsed.as_secs_f64()
+            );
+        } else {
+            print_full(&outcome, &args.kill);
+        }
+        for violation in &outcome.violations {
+            println!("  {violation}");
+        }
+        if outcome.violations.is_empty() {
+            if !args.keep {
+                let _ = std::fs::remove_dir_all(&dir);
+            }
+        } else {
+            failed += 1;
+            println!("  run directory kept: {}", dir.display());
+        }
+    }
+    if args.runs > 1 || args.quiet {
+        println!(
+            "{} run(s), {} failed, {:.1} s; write-ack latency over all runs: p50 {} us, p99 {} us, max {} us",
+            args.runs,
+            failed,
+            started.elapsed().as_secs_f64(),
+            total.value_at_quantile(0.5),
+            total.value_at_quantile(0.99),
+            total.max()
+        );
+    }
+    if failed == 0 && !args.keep {
+        let _ = std::fs::remove_dir_all(&base);
+    }
+    let _ = std::io::stdout().flush();
+    Ok(if failed == 0 {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}
+
+fn print_full(outcome: &RunOutcome, kill: &str) {
+    let h = &outcome.latencies_us;
+    println!(
+        "{} writes sent, {} acknowledged (order-sync) before the primary was killed{}",
+        outcome.sent,
+        outcome.acked,
+        if kill == "primary" {
+            String::new()
+        } else {
+            format!(" (the {kill} was killed and restarted under load first)")
+        }
+    );
+    println!(
+        "write-ack latency: p50 {} us, p90 {} us, p99 {} us, p99.9 {} us, max {} us ({} samples)",
+        h.value_at_quantile(0.5),
+        h.value_at_quantile(0.9),
+        h.value_at_quantile(0.99),
+        h.value_at_quantile(0.999),
+        h.max(),
+        h.len()
+    );
+    println!("{}", outcome.report.human());
+    println!(
+        "acknowledged writes reported lost: {} (order-sync acknowledges once the order is at the DR; their data was still in flight)",
+        outcome.acked_lost
+    );
+    println!(
+        "verification of the DR volume against the expected image of writes 1..={}: {}",
+        outcome.report.cut,
+        if outcome.violations.is_empty() {
+            "byte for byte identical; every acknowledged write applied or reported"
+        } else {
+            "FAILED"
+        }
+    );
+}

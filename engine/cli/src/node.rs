@@ -1,0 +1,292 @@
+//! The daemons (`ordinal primary|dr|aux`) and the operator commands (`failover`, `status`).
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::Args;
+use ordinal_proto::{Geometry, LinkLossPolicy, Mode};
+use ordinal_runtime::aux::{run_aux, AuxOptions};
+use ordinal_runtime::dr::{run_dr, DrOptions};
+use ordinal_runtime::primary::{run_primary, PrimaryOptions};
+
+/// Settings every node of one replicated volume must share.
+#[derive(Args, Debug, Clone)]
+pub struct Shared {
+    /// File holding the pre-shared key of this replication group (at least 16 bytes).
+    #[arg(long)]
+    pub psk_file: PathBuf,
+    /// Directory for this node's state files (DR order log and staging ring, aux table).
+    #[arg(long, default_value = "ordinal-state")]
+    pub state_dir: PathBuf,
+    /// Size of the DR's staging ring in MiB: how much payload may be in flight or unapplied.
+    #[arg(long, default_value_t = 64)]
+    pub ring_mib: u64,
+    /// Slots of the status table (a power of two): how many ops may be in flight at once.
+    #[arg(long, default_value_t = 4096)]
+    pub table_slots: u32,
+    /// Sector size in bytes: writes are aligned to it (at least the volume's direct-I/O alignment).
+    #[arg(long, default_value_t = 4096)]
+    pub sector_bytes: u32,
+    /// Largest single write in KiB.
+    #[arg(long, default_value_t = 1024)]
+    pub max_write_kib: u32,
+    /// Epoch of the replication stream (raised by each failover).
+    #[arg(long, default_value_t = 1)]
+    pub epoch: u32,
+    /// Pin this daemon's executor to this CPU (default: not pinned).
+    #[arg(long)]
+    pub cpu: Option<usize>,
+}
+
+impl Shared {
+    fn psk(&self) -> Result<Vec<u8>, String> {
+        ordinal_runtime::read_psk(&self.psk_file)
+    }
+
+    fn geometry(&self, volume_bytes: u64) -> Result<Geometry, String> {
+        let geometry = Geometry {
+            volume_bytes,
+            sector_bytes: self.sector_bytes,
+            ring_bytes: self.ring_mib << 20,
+            table_slots: self.table_slots,
+            payload_bytes_max: self.max_write_kib << 10,
+        };
+        geometry
+            .validate()
+            .map_err(|error| format!("invalid settings: {error}"))?;
+        Ok(geometry)
+    }
+}
+
+#[derive(Args, Debug)]
+pub struct PrimaryArgs {
+    #[command(flatten)]
+    pub shared: Shared,
+    /// The volume to serve and replicate (file or block device).
+    #[arg(long)]
+    pub volume: PathBuf,
+    /// Address of the DR daemon.
+    #[arg(long)]
+    pub dr: SocketAddr,
+    /// Address of the aux daemon.
+    #[arg(long)]
+    pub aux: SocketAddr,
+    /// Where operator requests (status) are served.
+    #[arg(long, default_value = "127.0.0.1:7410")]
+    pub listen: SocketAddr,
+    /// Where the NBD export is served.
+    #[arg(long, default_value = "127.0.0.1:10809")]
+    pub nbd_listen: SocketAddr,
+    /// When a write is acknowledged: order-sync (its order is at the DR), sync (its data is
+    /// applied at the DR) or async (its status is on the aux).
+    #[arg(long, default_value = "order-sync")]
+    pub mode: String,
+    /// When the DR link is down: block writes, or degrade (acknowledge, report as degraded).
+    #[arg(long, default_value = "block")]
+    pub on_link_loss: String,
+    /// Heartbeat interval to the aux in milliseconds.
+    #[arg(long, default_value_t = 20)]
+    pub heartbeat_ms: u64,
+    /// How long after a confirmed heartbeat writes may still be acknowledged; keep it at most
+    /// half the aux's heartbeat timeout.
+    #[arg(long, default_value_t = 400)]
+    pub lease_ms: u64,
+}
+
+#[derive(Args, Debug)]
+pub struct DrArgs {
+    #[command(flatten)]
+    pub shared: Shared,
+    /// The DR copy of the volume (same size as the primary's).
+    #[arg(long)]
+    pub volume: PathBuf,
+    /// Where the primary and operators connect.
+    #[arg(long, default_value = "127.0.0.1:7420")]
+    pub listen: SocketAddr,
+    /// Address of the aux daemon (needed to recover in-flight writes at failover).
+    #[arg(long)]
+    pub aux: Option<SocketAddr>,
+    /// Do not fail over by itself when the aux reports the primary lost.
+    #[arg(long)]
+    pub no_auto_failover: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct AuxArgs {
+    #[command(flatten)]
+    pub shared: Shared,
+    /// Where the primary and the DR connect.
+    #[arg(long, default_value = "127.0.0.1:7430")]
+    pub listen: SocketAddr,
+    /// The primary is declared dead when its heartbeat has not advanced for this long (ms).
+    #[arg(long, default_value_t = 1000)]
+    pub heartbeat_timeout_ms: u64,
+}
+
+#[derive(Args, Debug)]
+pub struct FailoverArgs {
+    /// Address of the DR daemon.
+    #[arg(long, default_value = "127.0.0.1:7420")]
+    pub dr: SocketAddr,
+    #[arg(long)]
+    pub psk_file: PathBuf,
+    /// Fail over even if the aux cannot be reached (in-flight writes are then neither recovered
+    /// nor listed).
+    #[arg(long)]
+    pub without_aux: bool,
+    /// Also write the loss report (JSON) here.
+    #[arg(long)]
+    pub report: Option<PathBuf>,
+    /// Give up after this many seconds.
+    #[arg(long, default_value_t = 60)]
+    pub timeout_s: u64,
+}
+
+#[derive(Args, Debug)]
+pub struct StatusArgs {
+    /// Address of any ordinal daemon.
+    #[arg(long, default_value = "127.0.0.1:7420")]
+    pub node: SocketAddr,
+    #[arg(long)]
+    pub psk_file: PathBuf,
+    /// Print the raw JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+fn run_on_executor<F, Fut>(name: &str, cpu: Option<usize>, body: F) -> Result<ExitCode, String>
+where
+    F: FnOnce() -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = Result<(), String>> + 'static,
+{
+    let placement = match cpu {
+        Some(cpu) => glommio::LocalExecutorBuilder::new(glommio::Placement::Fixed(cpu)),
+        None => glommio::LocalExecutorBuilder::new(glommio::Placement::Unbound),
+    };
+    let executor = placement
+        .name(name)
+        .make()
+        .map_err(|error| format!("cannot start the io_uring executor: {error}"))?;
+    executor.run(async move { body().await })?;
+    Ok(ExitCode::SUCCESS)
+}
+
+pub fn primary(args: PrimaryArgs) -> Result<ExitCode, String> {
+    let psk = args.shared.psk()?;
+    let volume_bytes = ordinal_runtime::storage::device_size_bytes(&args.volume)?;
+    let geometry = args.shared.geometry(volume_bytes)?;
+    let mode = Mode::parse(&args.mode).ok_or_else(|| {
+        format!(
+            "unknown mode {:?}: use order-sync, sync or async",
+            args.mode
+        )
+    })?;
+    let link_loss_policy = match args.on_link_loss.as_str() {
+        "block" => LinkLossPolicy::Block,
+        "degrade" => LinkLossPolicy::Degrade,
+        other => {
+            return Err(format!(
+                "unknown link-loss policy {other:?}: use block or degrade"
+            ))
+        }
+    };
+    let options = PrimaryOptions {
+        listen: args.listen,
+        volume: args.volume,
+        psk,
+        geometry,
+        mode,
+        link_loss_policy,
+        epoch: args.shared.epoch,
+        dr: args.dr,
+        aux: args.aux,
+        heartbeat_interval: Duration::from_millis(args.heartbeat_ms),
+        lease: Duration::from_millis(args.lease_ms),
+        local_writes_inflight_max: 64,
+    };
+    let nbd_listen = args.nbd_listen;
+    run_on_executor("ordinal-primary", args.shared.cpu, move || async move {
+        run_primary(options, move |handle| {
+            glommio::spawn_local(ordinal_runtime::nbd::serve(nbd_listen, handle)).detach();
+        })
+        .await
+    })
+}
+
+pub fn dr(args: DrArgs) -> Result<ExitCode, String> {
+    let psk = args.shared.psk()?;
+    let volume_bytes = ordinal_runtime::storage::device_size_bytes(&args.volume)?;
+    let options = DrOptions {
+        listen: args.listen,
+        state_dir: args.shared.state_dir.clone(),
+        volume: args.volume,
+        psk,
+        geometry: args.shared.geometry(volume_bytes)?,
+        epoch: args.shared.epoch,
+        aux: args.aux,
+        auto_failover: !args.no_auto_failover,
+        applies_inflight_max: 16,
+    };
+    run_on_executor("ordinal-dr", args.shared.cpu, move || run_dr(options))
+}
+
+pub fn aux(args: AuxArgs) -> Result<ExitCode, String> {
+    let psk = args.shared.psk()?;
+    // The aux holds only the status table; the volume size does not concern it.
+    let geometry = args.shared.geometry(u64::from(args.shared.sector_bytes))?;
+    let options = AuxOptions {
+        listen: args.listen,
+        state_dir: args.shared.state_dir.clone(),
+        psk,
+        geometry,
+        epoch: args.shared.epoch,
+        heartbeat_timeout: Duration::from_millis(args.heartbeat_timeout_ms),
+    };
+    run_on_executor("ordinal-aux", args.shared.cpu, move || run_aux(options))
+}
+
+pub fn failover(args: FailoverArgs) -> Result<ExitCode, String> {
+    let psk = ordinal_runtime::read_psk(&args.psk_file)?;
+    let request = if args.without_aux {
+        "failover without-aux"
+    } else {
+        "failover"
+    };
+    let report = ordinal_runtime::admin::request(
+        args.dr,
+        &psk,
+        request,
+        Duration::from_secs(args.timeout_s),
+    )?;
+    if report.contains("\"error\"") {
+        return Err(format!("the DR refused: {report}"));
+    }
+    if let Some(path) = &args.report {
+        std::fs::write(path, &report)
+            .map_err(|error| format!("cannot write {}: {error}", path.display()))?;
+    }
+    let summary = crate::report::LossSummary::parse(&report)?;
+    println!("{}", summary.human());
+    println!("{report}");
+    Ok(ExitCode::SUCCESS)
+}
+
+pub fn status(args: StatusArgs) -> Result<ExitCode, String> {
+    let psk = ordinal_runtime::read_psk(&args.psk_file)?;
+    let answer =
+        ordinal_runtime::admin::request(args.node, &psk, "status", Duration::from_secs(5))?;
+    if args.json {
+        println!("{answer}");
+    } else {
+        // One "key: value" line per field, in the order the daemon gave them.
+        let body = answer.trim().trim_start_matches('{').trim_end_matches('}');
+        for field in body.split(',') {
+            if let Some((key, value)) = field.split_once(':') {
+                println!("{:<22} {}", key.trim_matches('"'), value.trim_matches('"'));
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,320 @@
+//! What every daemon shares: the accept loop with its handshake, operator requests (status,
+//! failover) on authenticated admin connections, the ticker, and the event loop's two inputs.
+//!
+//! Admin requests and answers are length-prefixed UTF-8 (a 4-byte little-endian length), a
+//! request at most [`ADMIN_REQUEST_BYTES_MAX`] long, an answer at most
+//! [`ADMIN_ANSWER_BYTES_MAX`]; answers are JSON.
+
+use std::io::{Read, Write};
+use std::net::SocketAddr;
+use std::rc::Rc;
+use std::time::Duration;
+
+use crate::Sender;
+use futures_lite::{AsyncReadExt, AsyncWriteExt};
+use glommio::channels::local_channel::LocalReceiver;
+use glommio::net::{TcpListener, TcpStream};
+
+use crate::control::{self, Grant, Hello, NodeInfo, Purpose, Role};
+use crate::transport::{RegionTable, TransportEvent};
+
+pub const ADMIN_REQUEST_BYTES_MAX: usize = 4096;
+/// A loss report lists at most one entry per table slot; 64 MiB covers 2^20 slots.
+pub const ADMIN_ANSWER_BYTES_MAX: usize = 64 << 20;
+
+/// An operator request waiting for its answer from the daemon's event loop.
+#[derive(Debug)]
+pub struct AdminRequest {
+    pub request: String,
+    pub answer: Sender<String>,
+}
+
+/// An authenticated connection that is not an admin one, handed to the daemon.
+#[derive(Debug)]
+pub struct Accepted {
+    pub hello: Hello,
+    pub stream: TcpStream,
+    pub regions: Rc<RegionTable>,
+}
+
+/// Decides what an authenticated hello is granted; registers regions in the given table.
+pub type Decide = Rc<dyn Fn(&Hello, &RegionTable) -> Result<Grant, String>>;
+
+/// Accepts connections forever: each is authenticated within the handshake deadline in its own
+/// task, so a slow or hostile peer delays nobody else. Admin connections are served here;
+/// others go to `accepted`.
+pub async fn accept_loop(
+    listener: TcpListener,
+    psk: Rc<Vec<u8>>,
+    our_role: Role,
+    decide: Decide,
+    accepted: Sender<Accepted>,
+    admin: Sender<AdminRequest>,
+) {
+    loop {
+        let stream = match listener.accept().await {
+            Ok(stream) => stream,
+            Err(error) => {
+                eprintln!("{}: accept failed: {error}", our_role.name());
+                glommio::timer::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let (psk, decide, accepted, admin) =
+            (psk.clone(), decide.clone(), accepted.clone(), admin.clone());
+        glommio::spawn_local(async move {
+            let mut stream = stream;
+            let peer = stream
+                .peer_addr()
+                .map(|a| a.to_string())
+                .unwrap_or_else(|_| "?".into());
+            let regions = RegionTable::new();
+            let table = regions.clone();
+            let outcome = control::server_handshake(&mut stream, &psk, our_role, |hello| {
+                if hello.purpose == Purpose::Admin {
+                    return if hello.role == Role::Admin {
+                        Ok(Grant {
+                            info: NodeInfo {
+                                geometry: None,
+                                epoch: 0,
+                            },
+                            descriptors: Vec::new(),
+                        })
+                    } else {
+                        Err("admin connections come from the admin role".into())
+                    };
+                }
+                decide(hello, &table)
+            })
+            .await;
+            match outcome {
+                Ok(hello) if hello.purpose == Purpose::Admin => serve_admin(stream, admin).await,
+                Ok(hello) => {
+                    let _ = accepted
+                        .send(Accepted {
+                            hello,
+                            stream,
+                            regions,
+                        })
+                        .await;
+                }
+                Err(error) => {
+                    eprintln!(
+                        "{}: refused connection from {peer}: {error}",
+                        our_role.name()
+                    );
+                }
+            }
+        })
+        .detach();
+    }
+}
+
+async fn serve_admin(mut stream: TcpStream, admin: Sender<AdminRequest>) {
+    loop {
+        let mut len = [0u8; 4];
+        if stream.read_exact(&mut len).await.is_err() {
+            return;
+        }
+        let len = u32::from_le_bytes(len) as usize;
+        if len > ADMIN_REQUEST_BYTES_MAX {
+            return;
+        }
+        let mut request = vec![0u8; len];
+        if stream.read_exact(&mut request).await.is_err() {
+            return;
+        }
+        let request = String::from_utf8_lossy(&request).into_owned();
+        let (answer_tx, answer_rx) = glommio::channels::local_channel::new_bounded(1);
+        let answer_tx = Rc::new(answer_tx);
+        if admin
+            .send(AdminRequest {
+                request,
+                answer: answer_tx,
+            })
+            .await
+            .is_err()
+        {
+            return;
+        }
+        let Some(answer) = answer_rx.recv().await else {
+            return;
+        };
+        let bytes = answer.as_bytes();
+        let bytes = &bytes[..bytes.len().min(ADMIN_ANSWER_BYTES_MAX)];
+        if stream
+            .write_all(&(bytes.len() as u32).to_le_bytes())
+            .await
+            .is_err()
+            || stream.write_all(bytes).await.is_err()
+        {
+            return;
+        }
+    }
+}
+
+/// Sends one admin request to a daemon and returns its answer (blocking; for the CLI).
+pub fn request(
+    addr: SocketAddr,
+    psk: &[u8],
+    request: &str,
+    timeout: Duration,
+) -> Result<String, String> {
+    let mut stream = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(3))
+        .map_err(|error| format!("cannot connect to {addr}: {error}"))?;
+    control::blocking_client_handshake(
+        &mut stream,
+        psk,
+        Role::Admin,
+        Purpose::Admin,
+        NodeInfo {
+            geometry: None,
+            epoch: 0,
+        },
+    )
+    .map_err(|error| format!("{addr}: {error}"))?;
+    stream
+        .set_read_timeout(Some(timeout))
+        .and_then(|_| stream.set_write_timeout(Some(timeout)))
+        .map_err(|error| error.to_string())?;
+    assert!(request.len() <= ADMIN_REQUEST_BYTES_MAX);
+    stream
+        .write_all(&(request.len() as u32).to_le_bytes())
+        .and_then(|_| stream.write_all(request.as_bytes()))
+        .map_err(|error| format!("{addr}: sending the request failed: {error}"))?;
+    let mut len = [0u8; 4];
+    stream
+        .read_exact(&mut len)
+        .map_err(|error| format!("{addr}: no answer within {} s: {error}", timeout.as_secs()))?;
+    let len = u32::from_le_bytes(len) as usize;
+    if len > ADMIN_ANSWER_BYTES_MAX {
+        return Err(format!("{addr}: answer of {len} bytes is too large"));
+    }
+    let mut answer = vec![0u8; len];
+    stream
+        .read_exact(&mut answer)
+        .map_err(|error| format!("{addr}: answer cut short: {error}"))?;
+    String::from_utf8(answer).map_err(|_| format!("{addr}: answer is not UTF-8"))
+}
+
+/// One input of a daemon's event loop.
+#[derive(Debug)]
+pub enum Input<E> {
+    Transport(TransportEvent),
+    Accepted(Accepted),
+    Admin(AdminRequest),
+    Local(E),
+    Tick,
+}
+
+/// The receiving ends a daemon's loop waits on; the sending ends go to the tasks.
+pub struct Inputs<E> {
+    pub transport: LocalReceiver<TransportEvent>,
+    pub accepted: LocalReceiver<Accepted>,
+    pub admin: LocalReceiver<AdminRequest>,
+    pub local: LocalReceiver<E>,
+    pub ticks: LocalReceiver<()>,
+}
+
+impl<E> std::fmt::Debug for Inputs<E> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Inputs")
+    }
+}
+
+pub struct Senders<E> {
+    pub transport: Sender<TransportEvent>,
+    pub accepted: Sender<Accepted>,
+    pub admin: Sender<AdminRequest>,
+    pub local: Sender<E>,
+}
+
+impl<E> std::fmt::Debug for Senders<E> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Senders")
+    }
+}
+
+/// Bounds of the event loop's channels. Transport events are bounded so a fast peer stalls on
+/// TCP rather than growing our memory; the others are few by nature.
+const TRANSPORT_EVENTS_MAX: usize = 8192;
+const LOCAL_EVENTS_MAX: usize = 8192;
+
+/// Makes the channels of a daemon's loop and starts its ticker (`tick` apart).
+pub fn inputs<E: 'static>(tick: Duration) -> (Inputs<E>, Senders<E>) {
+    use glommio::channels::local_channel::new_bounded;
+    let (transport_tx, transport_rx) = new_bounded(TRANSPORT_EVENTS_MAX);
+    let (accepted_tx, accepted_rx) = new_bounded(16);
+    let (admin_tx, admin_rx) = new_bounded(16);
+    let (local_tx, local_rx) = new_bounded(LOCAL_EVENTS_MAX);
+    let (tick_tx, tick_rx) = new_bounded(1);
+    glommio::spawn_local(async move {
+        loop {
+            glommio::timer::sleep(tick).await;
+            // A tick already pending is as good as two.
+            if let Err(glommio::GlommioError::Closed(_)) = tick_tx.try_send(()) {
+                return;
+            }
+        }
+    })
+    .detach();
+    let (transport_tx, accepted_tx, admin_tx, local_tx) = (
+        Rc::new(transport_tx),
+        Rc::new(accepted_tx),
+        Rc::new(admin_tx),
+        Rc::new(local_tx),
+    );
+    (
+        Inputs {
+            transport: transport_rx,
+            accepted: accepted_rx,
+            admin: admin_rx,
+            local: local_rx,
+            ticks: tick_rx,
+        },
+        Senders {
+            transport: transport_tx,
+            accepted: accepted_tx,
+            admin: admin_tx,
+            local: local_tx,
+        },
+    )
+}
+
+impl<E> Inputs<E> {
+    /// Waits for the next input. Completions and messages come first: they free resources
+    /// that new work waits for.
+    pub async fn next(&self) -> Input<E> {
+        use futures_lite::future::or;
+        let transport = async { self.transport.recv().await.map(Input::Transport) };
+        let local = async { self.local.recv().await.map(Input::Local) };
+        let accepted = async { self.accepted.recv().await.map(Input::Accepted) };
+        let admin = async { self.admin.recv().await.map(Input::Admin) };
+        let tick = async { self.ticks.recv().await.map(|()| Input::Tick) };
+        or(transport, or(local, or(accepted, or(admin, tick))))
+            .await
+            .expect("the daemon holds a sender of every channel")
+    }
+}
+
+/// Prints the line parent processes wait for to learn a daemon's address.
+pub fn announce(role: Role, what: &str, addr: SocketAddr) {
+    println!("ordinal {} {what} {addr}", role.name());
+    let _ = std::io::stdout().flush();
+}
+
+/// A JSON string literal.
+pub fn json_string(text: &str) -> String {
+    let mut out = String::with_capacity(text.len() + 2);
+    out.push('"');
+    for c in text.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            c if (c as u32) < 0x20 => out.push_str(&format!("\\u{:04x}", c as u32)),
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+    out
+}

@@ -1,0 +1,94 @@
+//! The runtime of ordinal: it runs the protocol roles of `ordinal-proto` as real processes.
+//!
+//! Each daemon is one glommio executor (thread-per-core, io_uring) that owns its role's state
+//! machine and executes the actions it emits: local volume writes with direct I/O, SENDs and
+//! one-sided WRITEs and READs on the transport's queue pairs, revocation of remote access.
+//! The protocol crate never sees glommio: everything it learns arrives through its `handle_*`
+//! methods, with the time read here from a monotonic clock.
+//!
+//! Modules:
+//! - [`transport`]: the verbs-shaped boundary and its TCP implementation;
+//! - [`control`]: connection setup, pre-shared-key authentication, region descriptors;
+//! - [`storage`]: volumes (direct I/O) and memory-mapped region files;
+//! - [`primary`], [`dr`], [`aux`]: the three daemons; [`admin`]: status and failover requests.
+//!
+//! What this crate is not: it holds no protocol logic; the decisions are all `ordinal-proto`'s.
+
+pub mod admin;
+pub mod aux;
+pub mod control;
+pub mod dr;
+pub mod nbd;
+pub mod primary;
+pub mod storage;
+pub mod transport;
+
+use std::sync::OnceLock;
+
+/// A sending end of a glommio local channel, shared by the tasks that feed one loop.
+pub type Sender<T> = std::rc::Rc<glommio::channels::local_channel::LocalSender<T>>;
+use std::time::Instant;
+
+/// Nanoseconds on the process's monotonic clock: the time the protocol's handlers are given.
+pub fn now_ns() -> u64 {
+    static START: OnceLock<Instant> = OnceLock::new();
+    let start = *START.get_or_init(Instant::now);
+    // Start at one second so that "time 0" never looks like "never" to the protocol.
+    1_000_000_000 + start.elapsed().as_nanos() as u64
+}
+
+/// Fills `out` from the kernel's random source (getrandom(2)), for nonces and keys.
+pub fn fill_random(out: &mut [u8]) {
+    let mut filled = 0;
+    while filled < out.len() {
+        // SAFETY: the pointer and length describe the unfilled tail of `out`, which is writable
+        // for that many bytes; getrandom(2) writes at most that many.
+        let got =
+            unsafe { libc::getrandom(out[filled..].as_mut_ptr().cast(), out.len() - filled, 0) };
+        if got < 0 {
+            let error = std::io::Error::last_os_error();
+            assert_eq!(
+                error.kind(),
+                std::io::ErrorKind::Interrupted,
+                "getrandom failed: {error}"
+            );
+            continue;
+        }
+        filled += got as usize;
+    }
+}
+
+pub fn random_nonce() -> [u8; 32] {
+    let mut nonce = [0u8; 32];
+    fill_random(&mut nonce);
+    nonce
+}
+
+pub fn random_u32() -> u32 {
+    let mut bytes = [0u8; 4];
+    fill_random(&mut bytes);
+    u32::from_le_bytes(bytes)
+}
+
+/// Reads a pre-shared key file: its bytes, without a trailing newline, at least
+/// [`control::PSK_BYTES_MIN`] long.
+pub fn read_psk(path: &std::path::Path) -> Result<Vec<u8>, String> {
+    let mut key = std::fs::read(path).map_err(|error| {
+        format!(
+            "cannot read the pre-shared key file {}: {error}",
+            path.display()
+        )
+    })?;
+    while key.last().is_some_and(|b| *b == b'\n' || *b == b'\r') {
+        key.pop();
+    }
+    if key.len() < control::PSK_BYTES_MIN {
+        return Err(format!(
+            "the pre-shared key in {} is {} bytes; at least {} are needed",
+            path.display(),
+            key.len(),
+            control::PSK_BYTES_MIN
+        ));
+    }
+    Ok(key)
+}

@@ -1,0 +1,628 @@
+//! The primary daemon: serves the volume, writes locally with direct I/O, sends order batches
+//! to the DR (SEND, acked), writes payloads into the DR's staging ring (one-sided WRITE with
+//! immediate, in FIFO order) and its status entries and heartbeat into the aux's table
+//! (one-sided WRITEs), and answers clients as the protocol's mode allows.
+//!
+//! Clients reach it through [`PrimaryHandle`] (the embeddable API, which the NBD export uses).
+
+use std::cell::RefCell;
+use std::collections::{HashMap, VecDeque};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::rc::Rc;
+use std::time::Duration;
+
+use glommio::net::{TcpListener, TcpStream};
+use ordinal_proto::primary::{AuxWriteTag, Primary, PrimaryAction, PrimaryConfig, WriteRefused};
+use ordinal_proto::{Epoch, Geometry, LinkLossPolicy, Mode, Seq};
+
+use crate::admin::{self, Input};
+use crate::control::{self, Grant, NodeInfo, Purpose, Role};
+use crate::storage::{OrderedWrites, Volume, WriteJob};
+use crate::transport::{
+    Opcode, QueuePair, RegionDescriptor, RegionTable, TransportEvent, WorkStatus,
+};
+use crate::Sender;
+
+#[derive(Clone, Debug)]
+pub struct PrimaryOptions {
+    /// Operator requests (status) are served here.
+    pub listen: SocketAddr,
+    pub volume: PathBuf,
+    pub psk: Vec<u8>,
+    pub geometry: Geometry,
+    pub mode: Mode,
+    pub link_loss_policy: LinkLossPolicy,
+    pub epoch: Epoch,
+    pub dr: SocketAddr,
+    pub aux: SocketAddr,
+    pub heartbeat_interval: Duration,
+    pub lease: Duration,
+    /// Local volume writes in flight at once.
+    pub local_writes_inflight_max: usize,
+}
+
+/// How a client write ended.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum WriteOutcome {
+    /// Acknowledged as op `seq`; `degraded` if the DR did not hold its order at that moment.
+    Acked { seq: Seq, degraded: bool },
+    /// Not acknowledged; the reason. The write may or may not survive a failover.
+    Failed(String),
+}
+
+/// Local events of the primary loop.
+#[derive(Debug)]
+pub enum PrimaryEvent {
+    ClientWrite {
+        volume_offset: u64,
+        data: Vec<u8>,
+        reply: Sender<WriteOutcome>,
+    },
+    LocalWriteDone {
+        seq: Seq,
+        result: Result<(), String>,
+    },
+    DrConnected {
+        order: QueuePair,
+        data: QueuePair,
+        ring: RegionDescriptor,
+    },
+    AuxConnected {
+        qp: QueuePair,
+        table: RegionDescriptor,
+    },
+}
+
+/// A write handed to the primary, not yet answered.
+#[derive(Debug)]
+pub struct PendingWrite {
+    answer: Option<glommio::channels::local_channel::LocalReceiver<WriteOutcome>>,
+}
+
+impl PendingWrite {
+    pub async fn outcome(self) -> WriteOutcome {
+        match self.answer {
+            Some(answer) => answer
+                .recv()
+                .await
+                .unwrap_or_else(|| WriteOutcome::Failed("the primary stopped".into())),
+            None => WriteOutcome::Failed("the primary stopped".into()),
+        }
+    }
+}
+
+/// The embeddable client API of a running primary (on the primary's executor).
+#[derive(Clone, Debug)]
+pub struct PrimaryHandle {
+    events: Sender<PrimaryEvent>,
+    volume: Rc<Volume>,
+    geometry: Geometry,
+}
+
+impl PrimaryHandle {
+    /// Writes `data` at `volume_offset` and waits for the mode's acknowledgement.
+    pub async fn write(&self, volume_offset: u64, data: Vec<u8>) -> WriteOutcome {
+        self.start_write(volume_offset, data).await.outcome().await
+    }
+
+    /// Hands a write to the primary and returns where its outcome will arrive. Writes handed
+    /// over one after another from one task are admitted, and numbered, in that order.
+    pub async fn start_write(&self, volume_offset: u64, data: Vec<u8>) -> PendingWrite {
+        let (reply, answer) = glommio::channels::local_channel::new_bounded(1);
+        let sent = self
+            .events
+            .send(PrimaryEvent::ClientWrite {
+                volume_offset,
+                data,
+                reply: Rc::new(reply),
+            })
+            .await;
+        PendingWrite {
+            answer: sent.is_ok().then_some(answer),
+        }
+    }
+
+    /// Reads from the local volume (which holds every acknowledged write).
+    pub async fn read(&self, volume_offset: u64, len: usize) -> Result<Vec<u8>, String> {
+        self.volume.read(volume_offset, len).await
+    }
+
+    pub async fn flush(&self) -> Result<(), String> {
+        self.volume.flush().await
+    }
+
+    pub fn geometry(&self) -> Geometry {
+        self.geometry
+    }
+}
+
+struct PrimaryNode {
+    primary: Primary,
+    staging: Vec<u8>,
+    volume: Rc<Volume>,
+    writes: OrderedWrites,
+    waiting: VecDeque<(u64, Vec<u8>, Sender<WriteOutcome>)>,
+    replies: HashMap<u64, Sender<WriteOutcome>>,
+    next_client_tag: u64,
+    dr: Option<(QueuePair, QueuePair, RegionDescriptor)>,
+    aux: Option<(QueuePair, RegionDescriptor)>,
+    dr_connecting: bool,
+    aux_connecting: bool,
+    last_acked: Seq,
+    /// Events of queue pairs the loop does not know yet: a connector starts a pair, and the
+    /// peer's first message (the DR's hello) can arrive before the loop learns of the pair.
+    early: VecDeque<TransportEvent>,
+}
+
+/// Early events kept at most; a new pair's peer says hello once and waits for us.
+const EARLY_EVENTS_MAX: usize = 64;
+
+/// Runs the primary until it stops; `ready` receives the client API once the volume is open.
+pub async fn run_primary(
+    options: PrimaryOptions,
+    ready: impl FnOnce(PrimaryHandle),
+) -> Result<(), String> {
+    let geometry = options.geometry;
+    geometry
+        .validate()
+        .map_err(|error| format!("invalid geometry: {error}"))?;
+    let volume = Rc::new(Volume::open(&options.volume, geometry.sector_bytes).await?);
+    if volume.size_bytes() != geometry.volume_bytes {
+        return Err(format!(
+            "volume {} is {} bytes but the replicated volume is {} bytes",
+            options.volume.display(),
+            volume.size_bytes(),
+            geometry.volume_bytes
+        ));
+    }
+    let mut config = PrimaryConfig::new(geometry, options.mode);
+    config.link_loss_policy = options.link_loss_policy;
+    config.epoch = options.epoch;
+    config.heartbeat_interval_ns = options.heartbeat_interval.as_nanos() as u64;
+    config.lease_ns = options.lease.as_nanos() as u64;
+    if config.lease_ns <= config.heartbeat_interval_ns {
+        return Err("the lease must be longer than the heartbeat interval".into());
+    }
+    let listener = TcpListener::bind(options.listen)
+        .map_err(|error| format!("cannot listen on {}: {error}", options.listen))?;
+    let local_addr = listener.local_addr().map_err(|error| error.to_string())?;
+    let (inputs, senders) = admin::inputs::<PrimaryEvent>(Duration::from_millis(2));
+    let decide: admin::Decide = Rc::new(|hello, _| {
+        Err(format!(
+            "the primary serves no {} connections for {:?}",
+            hello.role.name(),
+            hello.purpose
+        ))
+    });
+    glommio::spawn_local(admin::accept_loop(
+        listener,
+        Rc::new(options.psk.clone()),
+        Role::Primary,
+        decide,
+        senders.accepted.clone(),
+        senders.admin.clone(),
+    ))
+    .detach();
+
+    let node = Rc::new(RefCell::new(PrimaryNode {
+        primary: Primary::new(config),
+        staging: vec![0; geometry.ring_bytes as usize],
+        volume: volume.clone(),
+        writes: OrderedWrites::new(options.local_writes_inflight_max),
+        waiting: VecDeque::new(),
+        replies: HashMap::new(),
+        next_client_tag: 1,
+        dr: None,
+        aux: None,
+        dr_connecting: false,
+        aux_connecting: false,
+        last_acked: 0,
+        early: VecDeque::new(),
+    }));
+    let info = NodeInfo {
+        geometry: Some(geometry),
+        epoch: options.epoch,
+    };
+    admin::announce(Role::Primary, "listening on", local_addr);
+    ready(PrimaryHandle {
+        events: senders.local.clone(),
+        volume,
+        geometry,
+    });
+
+    loop {
+        let input = inputs.next().await;
+        let now = crate::now_ns();
+        let mut guard = node.borrow_mut();
+        let node = &mut *guard;
+        match input {
+            Input::Local(PrimaryEvent::ClientWrite {
+                volume_offset,
+                data,
+                reply,
+            }) => node.waiting.push_back((volume_offset, data, reply)),
+            Input::Local(PrimaryEvent::LocalWriteDone { seq, result }) => {
+                let mut startable = Vec::new();
+                node.writes.finished(seq, &mut startable);
+                start_local_writes(node, startable, &senders.local);
+                match result {
+                    Ok(()) => node.primary.handle_local_write_done(seq, now),
+                    Err(error) => {
+                        eprintln!("primary: {error}");
+                        node.primary.handle_local_write_failed(seq);
+                    }
+                }
+            }
+            Input::Local(PrimaryEvent::DrConnected { order, data, ring }) => {
+                node.dr_connecting = false;
+                eprintln!("primary: connected to the DR");
+                node.dr = Some((order, data, ring));
+                replay_early(node, now);
+            }
+            Input::Local(PrimaryEvent::AuxConnected { qp, table }) => {
+                node.aux_connecting = false;
+                eprintln!("primary: connected to the aux");
+                node.aux = Some((qp, table));
+                node.primary.handle_aux_up(now);
+                replay_early(node, now);
+            }
+            Input::Transport(event) => handle_transport(node, event, now),
+            Input::Admin(request) => {
+                let answer = match request.request.as_str() {
+                    "status" => status_json(node, options.mode),
+                    other => format!(
+                        "{{\"error\":{}}}",
+                        admin::json_string(&format!("unknown request {other}"))
+                    ),
+                };
+                let _ = request.answer.try_send(answer);
+            }
+            Input::Accepted(_) => {}
+            Input::Tick => node.primary.handle_tick(now),
+        }
+        if node.dr.is_none() && !node.dr_connecting && node.primary.stopped().is_none() {
+            node.dr_connecting = true;
+            glommio::spawn_local(connect_to_dr(
+                options.dr,
+                options.psk.clone(),
+                info,
+                senders.local.clone(),
+                senders.transport.clone(),
+            ))
+            .detach();
+        }
+        if node.aux.is_none() && !node.aux_connecting && node.primary.stopped().is_none() {
+            node.aux_connecting = true;
+            glommio::spawn_local(connect_to_aux(
+                options.aux,
+                options.psk.clone(),
+                info,
+                senders.local.clone(),
+                senders.transport.clone(),
+            ))
+            .detach();
+        }
+        admit(node, now);
+        execute_actions(node, &senders.local);
+    }
+}
+
+/// Admits waiting client writes in arrival order until the protocol pushes back.
+fn admit(node: &mut PrimaryNode, now: u64) {
+    while let Some((volume_offset, data, reply)) = node.waiting.pop_front() {
+        let tag = node.next_client_tag;
+        match node
+            .primary
+            .handle_client_write(tag, volume_offset, &data, now)
+        {
+            Ok(admitted) => {
+                node.next_client_tag += 1;
+                let at = admitted.ring_offset as usize;
+                node.staging[at..at + data.len()].copy_from_slice(&data);
+                node.replies.insert(tag, reply);
+            }
+            Err(WriteRefused::Backpressure(_)) => {
+                // Retried after the next completion frees room; order is kept.
+                node.waiting.push_front((volume_offset, data, reply));
+                return;
+            }
+            Err(WriteRefused::Invalid(error)) => {
+                let _ = reply.try_send(WriteOutcome::Failed(format!("invalid write: {error}")));
+            }
+            Err(WriteRefused::Stopped) => {
+                let why = format!("the primary stopped: {:?}", node.primary.stopped());
+                let _ = reply.try_send(WriteOutcome::Failed(why));
+            }
+        }
+    }
+}
+
+async fn connect_qp(
+    addr: SocketAddr,
+    psk: &[u8],
+    purpose: Purpose,
+    info: NodeInfo,
+    transport: &Sender<TransportEvent>,
+) -> Result<(QueuePair, Grant), String> {
+    let mut stream = TcpStream::connect_timeout(addr, Duration::from_secs(2))
+        .await
+        .map_err(|error| format!("cannot reach {addr}: {error}"))?;
+    let grant = control::client_handshake(&mut stream, psk, Role::Primary, purpose, info)
+        .await
+        .map_err(|error| format!("{addr}: {error}"))?;
+    Ok((
+        QueuePair::start(stream, RegionTable::new(), transport.clone()),
+        grant,
+    ))
+}
+
+async fn connect_to_dr(
+    addr: SocketAddr,
+    psk: Vec<u8>,
+    info: NodeInfo,
+    local: Sender<PrimaryEvent>,
+    transport: Sender<TransportEvent>,
+) {
+    let mut attempt = 0u64;
+    loop {
+        // The data pair first: once the order pair is up the DR says hello and the primary
+        // starts posting payload writes.
+        let connected = async {
+            let (data, grant) = connect_qp(addr, &psk, Purpose::DataQp, info, &transport).await?;
+            let ring = *grant
+                .descriptors
+                .first()
+                .ok_or("the DR granted no staging ring")?;
+            match connect_qp(addr, &psk, Purpose::OrderQp, info, &transport).await {
+                Ok((order, _)) => Ok((order, data, ring)),
+                Err(error) => {
+                    data.fail("the order connection failed");
+                    Err(error)
+                }
+            }
+        }
+        .await;
+        match connected {
+            Ok((order, data, ring)) => {
+                let _ = local
+                    .send(PrimaryEvent::DrConnected { order, data, ring })
+                    .await;
+                return;
+            }
+            Err(error) => {
+                if attempt % 25 == 0 {
+                    eprintln!("primary: DR: {error} (retrying)");
+                }
+            }
+        }
+        attempt += 1;
+        glommio::timer::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+async fn connect_to_aux(
+    addr: SocketAddr,
+    psk: Vec<u8>,
+    info: NodeInfo,
+    local: Sender<PrimaryEvent>,
+    transport: Sender<TransportEvent>,
+) {
+    let mut attempt = 0u64;
+    loop {
+        match connect_qp(addr, &psk, Purpose::AuxTable, info, &transport).await {
+            Ok((qp, grant)) if grant.descriptors.len() == 1 => {
+                let _ = local
+                    .send(PrimaryEvent::AuxConnected {
+                        qp,
+                        table: grant.descriptors[0],
+                    })
+                    .await;
+                return;
+            }
+            Ok(_) => eprintln!("primary: the aux granted no status table"),
+            Err(error) => {
+                if attempt % 25 == 0 {
+                    eprintln!("primary: aux: {error} (retrying)");
+                }
+            }
+        }
+        attempt += 1;
+        glommio::timer::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+fn replay_early(node: &mut PrimaryNode, now: u64) {
+    let early: Vec<TransportEvent> = node.early.drain(..).collect();
+    for event in early {
+        handle_transport(node, event, now);
+    }
+}
+
+const WR_AUX_ENTRIES: u64 = 0;
+const WR_AUX_HEARTBEAT: u64 = 1;
+
+fn handle_transport(node: &mut PrimaryNode, event: TransportEvent, now: u64) {
+    let dr_ids = node
+        .dr
+        .as_ref()
+        .map(|(order, data, _)| (order.id(), data.id()));
+    let aux_id = node.aux.as_ref().map(|(qp, _)| qp.id());
+    match event {
+        TransportEvent::Received { qp, bytes } if dr_ids.is_some_and(|(order, _)| order == qp) => {
+            if let Err(error) = node.primary.handle_dr_message(&bytes, now) {
+                eprintln!("primary: bad message from the DR: {error}");
+            }
+        }
+        TransportEvent::Completion {
+            qp,
+            wr_id,
+            opcode: Opcode::WriteWithImm,
+            status: WorkStatus::Success,
+            ..
+        } if dr_ids.is_some_and(|(_, data)| data == qp) => {
+            node.primary.handle_payload_write_done(wr_id, now);
+        }
+        TransportEvent::Completion {
+            qp, wr_id, status, ..
+        } if aux_id == Some(qp) => match status {
+            WorkStatus::Success => {
+                let tag = if wr_id == WR_AUX_HEARTBEAT {
+                    AuxWriteTag::Heartbeat
+                } else {
+                    AuxWriteTag::Entries
+                };
+                node.primary.handle_aux_write_done(tag, now);
+            }
+            WorkStatus::RemoteAccessError => node.primary.handle_aux_write_failed(true, now),
+            _ => node.primary.handle_aux_write_failed(false, now),
+        },
+        TransportEvent::Down { qp, reason } => {
+            if dr_ids.is_some_and(|(order, data)| order == qp || data == qp) {
+                eprintln!("primary: DR link down: {reason}");
+                if let Some((order, data, _)) = node.dr.take() {
+                    order.fail("the DR link is down");
+                    data.fail("the DR link is down");
+                }
+                node.primary.handle_dr_link_down(now);
+            } else if aux_id == Some(qp) {
+                eprintln!("primary: aux link down: {reason}");
+                node.aux = None;
+                node.primary.handle_aux_write_failed(false, now);
+            }
+        }
+        event => {
+            let known =
+                |qp: u32| dr_ids.is_some_and(|(o, d)| o == qp || d == qp) || aux_id == Some(qp);
+            let qp = match &event {
+                TransportEvent::Completion { qp, .. }
+                | TransportEvent::Received { qp, .. }
+                | TransportEvent::ReceivedImm { qp, .. }
+                | TransportEvent::Down { qp, .. } => *qp,
+            };
+            if !known(qp) && (node.dr_connecting || node.aux_connecting) {
+                if node.early.len() == EARLY_EVENTS_MAX {
+                    node.early.pop_front();
+                }
+                node.early.push_back(event);
+            }
+        }
+    }
+}
+
+fn start_local_writes(node: &mut PrimaryNode, jobs: Vec<WriteJob>, local: &Sender<PrimaryEvent>) {
+    for (seq, volume_offset, len, ring_offset) in jobs {
+        let bytes =
+            node.staging[ring_offset as usize..ring_offset as usize + len as usize].to_vec();
+        let volume = node.volume.clone();
+        let local = local.clone();
+        glommio::spawn_local(async move {
+            let result = volume.write(volume_offset, &bytes).await;
+            let _ = local
+                .send(PrimaryEvent::LocalWriteDone { seq, result })
+                .await;
+        })
+        .detach();
+    }
+}
+
+fn execute_actions(node: &mut PrimaryNode, local: &Sender<PrimaryEvent>) {
+    let actions: Vec<PrimaryAction> = node.primary.drain_actions().collect();
+    for action in actions {
+        match action {
+            PrimaryAction::LocalWrite {
+                seq,
+                volume_offset,
+                ring_offset,
+                len,
+            } => {
+                if let Some(job) = node.writes.submit((seq, volume_offset, len, ring_offset)) {
+                    start_local_writes(node, vec![job], local);
+                }
+            }
+            PrimaryAction::SendOrderBatch { buffer, len, .. } => {
+                if let Some((order, _, _)) = &node.dr {
+                    let _ = order.post_send(0, &node.primary.order_batch(buffer)[..len]);
+                }
+            }
+            PrimaryAction::WritePayload {
+                seq,
+                ring_offset,
+                len,
+                imm,
+            } => {
+                if let Some((_, data, ring)) = &node.dr {
+                    let span =
+                        &node.staging[ring_offset as usize..ring_offset as usize + len as usize];
+                    let _ =
+                        data.post_write(seq, span, ring.addr + ring_offset, ring.rkey, Some(imm));
+                }
+            }
+            PrimaryAction::WriteAux { offset, len, tag } => {
+                if let Some((qp, table)) = &node.aux {
+                    let wr_id = match tag {
+                        AuxWriteTag::Heartbeat => WR_AUX_HEARTBEAT,
+                        AuxWriteTag::Entries => WR_AUX_ENTRIES,
+                    };
+                    let bytes = &node.primary.aux_area()[offset..offset + len];
+                    let _ =
+                        qp.post_write(wr_id, bytes, table.addr + offset as u64, table.rkey, None);
+                }
+            }
+            PrimaryAction::AckClient {
+                seq,
+                client_tag,
+                degraded,
+            } => {
+                node.last_acked = node.last_acked.max(seq);
+                if let Some(reply) = node.replies.remove(&client_tag) {
+                    let _ = reply.try_send(WriteOutcome::Acked { seq, degraded });
+                }
+            }
+            PrimaryAction::FailClient { seq, client_tag } => {
+                if let Some(reply) = node.replies.remove(&client_tag) {
+                    let _ = reply.try_send(WriteOutcome::Failed(format!(
+                        "op {seq} was not acknowledged"
+                    )));
+                }
+            }
+            PrimaryAction::Stopped(stop) => {
+                eprintln!("primary: stopped: {stop:?}; writes are refused from now on");
+                for (_, reply) in node.replies.drain() {
+                    let _ = reply.try_send(WriteOutcome::Failed(format!(
+                        "the primary stopped: {stop:?}"
+                    )));
+                }
+            }
+        }
+    }
+}
+
+fn status_json(node: &PrimaryNode, mode: Mode) -> String {
+    let primary = &node.primary;
+    let stats = primary.stats();
+    let (lag_ops, lag_bytes) = primary.lag();
+    format!(
+        "{{\"role\":\"primary\",\"epoch\":{},\"mode\":\"{}\",\"stopped\":{},\"last_seq\":{},\"last_acked_seq\":{},\"order_acked_through\":{},\"payload_done_through\":{},\"dr_applied_through\":{},\"lag_ops\":{},\"lag_bytes\":{},\"ring_used_bytes\":{},\"ring_bytes\":{},\"dr_link_up\":{},\"aux_connected\":{},\"lease_valid\":{},\"admitted\":{},\"acked\":{},\"acked_degraded\":{},\"backpressure\":{},\"waiting_clients\":{}}}",
+        primary.config().epoch,
+        mode.name(),
+        admin::json_string(&primary.stopped().map(|s| format!("{s:?}")).unwrap_or_default()),
+        primary.last_seq(),
+        node.last_acked,
+        primary.order_acked_through(),
+        primary.payload_done_through(),
+        primary.dr_applied_through(),
+        lag_ops,
+        lag_bytes,
+        primary.ring_used_bytes(),
+        primary.config().geometry.ring_bytes,
+        primary.is_dr_link_up(),
+        node.aux.is_some(),
+        crate::now_ns() < primary.lease_until(),
+        stats.admitted,
+        stats.acked,
+        stats.acked_degraded,
+        stats.backpressure,
+        node.waiting.len()
+    )
+}

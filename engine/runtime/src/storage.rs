@@ -1,0 +1,270 @@
+//! Volumes and region files.
+//!
+//! A volume is a file or block device written with direct I/O (glommio's `DmaFile`, O_DIRECT
+//! through io_uring): the page cache is not a second copy whose write-back order we would not
+//! control. The DR's order log and staging ring and the aux's status table are memory-mapped
+//! files (memmap2): the transport places remote writes straight into them, and a process that
+//! is killed leaves their contents in the page cache, from where a restart recovers them.
+
+use std::cell::RefCell;
+use std::fs::OpenOptions;
+use std::io::{Seek, SeekFrom};
+use std::path::{Path, PathBuf};
+use std::rc::Rc;
+
+use glommio::io::DmaFile;
+use memmap2::MmapMut;
+
+use crate::transport::RegionMemory;
+
+/// A memory-mapped region file shared by a role and the transport.
+#[derive(Debug)]
+pub struct MappedRegion {
+    pub path: PathBuf,
+    pub map: RefCell<MmapMut>,
+}
+
+impl RegionMemory for MappedRegion {
+    fn with_bytes(&self, f: &mut dyn FnMut(&mut [u8])) {
+        f(&mut self.map.borrow_mut());
+    }
+}
+
+/// Opens `path` as a region of exactly `len_bytes`, creating it zero-filled if it is missing.
+/// An existing file of another size was made for another geometry and is refused by name.
+pub fn open_region(path: &Path, len_bytes: u64) -> Result<Rc<MappedRegion>, String> {
+    let file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(path)
+        .map_err(|error| format!("cannot open region file {}: {error}", path.display()))?;
+    let existing = file
+        .metadata()
+        .map_err(|error| format!("cannot stat {}: {error}", path.display()))?
+        .len();
+    if existing == 0 {
+        file.set_len(len_bytes).map_err(|error| {
+            format!(
+                "cannot size {} to {len_bytes} bytes: {error}",
+                path.display()
+            )
+        })?;
+    } else if existing != len_bytes {
+        return Err(format!(
+            "region file {} is {existing} bytes but this geometry needs {len_bytes}: it was made with other settings (remove it to start afresh)",
+            path.display()
+        ));
+    }
+    // SAFETY: the mapping is of a regular file this process opened read-write. Other processes
+    // could change it underneath us; ordinal's files live in the node's own state directory and
+    // one daemon at a time uses them, and every byte read back is validated (checksums,
+    // bounds) as untrusted input anyway.
+    let map = unsafe { MmapMut::map_mut(&file) }
+        .map_err(|error| format!("cannot map {}: {error}", path.display()))?;
+    Ok(Rc::new(MappedRegion {
+        path: path.to_path_buf(),
+        map: RefCell::new(map),
+    }))
+}
+
+/// Size in bytes of a file or block device.
+pub fn device_size_bytes(path: &Path) -> Result<u64, String> {
+    let mut file = std::fs::File::open(path)
+        .map_err(|error| format!("cannot open volume {}: {error}", path.display()))?;
+    file.seek(SeekFrom::End(0))
+        .map_err(|error| format!("cannot size volume {}: {error}", path.display()))
+}
+
+/// A volume written and read with direct I/O.
+#[derive(Debug)]
+pub struct Volume {
+    file: Rc<DmaFile>,
+    size_bytes: u64,
+}
+
+impl Volume {
+    /// Opens an existing volume for direct I/O and checks that `sector_bytes` is a multiple of
+    /// the device's direct-I/O alignment (O_DIRECT refuses smaller or misaligned writes).
+    pub async fn open(path: &Path, sector_bytes: u32) -> Result<Volume, String> {
+        let size_bytes = device_size_bytes(path)?;
+        let file = glommio::io::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .dma_open(path)
+            .await
+            .map_err(|error| {
+                format!(
+                    "cannot open volume {} for direct I/O: {error} (a filesystem without O_DIRECT, such as tmpfs, cannot hold a volume)",
+                    path.display()
+                )
+            })?;
+        let alignment = file.alignment();
+        if u64::from(sector_bytes) % alignment != 0 {
+            return Err(format!(
+                "sector size {sector_bytes} is not a multiple of the direct-I/O alignment {alignment} of {}",
+                path.display()
+            ));
+        }
+        Ok(Volume {
+            file: Rc::new(file),
+            size_bytes,
+        })
+    }
+
+    pub fn size_bytes(&self) -> u64 {
+        self.size_bytes
+    }
+
+    /// Writes `bytes` at `offset`; both are sector-aligned (the protocol validated them).
+    pub async fn write(&self, offset: u64, bytes: &[u8]) -> Result<(), String> {
+        let mut buffer = self.file.alloc_dma_buffer(bytes.len());
+        buffer.as_bytes_mut().copy_from_slice(bytes);
+        let written = self.file.write_at(buffer, offset).await.map_err(|error| {
+            format!(
+                "volume write of {} bytes at {offset} failed: {error}",
+                bytes.len()
+            )
+        })?;
+        if written != bytes.len() {
+            return Err(format!(
+                "volume write at {offset} was short: {written} of {} bytes (disk full?)",
+                bytes.len()
+            ));
+        }
+        Ok(())
+    }
+
+    pub async fn read(&self, offset: u64, len: usize) -> Result<Vec<u8>, String> {
+        let read =
+            self.file.read_at(offset, len).await.map_err(|error| {
+                format!("volume read of {len} bytes at {offset} failed: {error}")
+            })?;
+        if read.len() != len {
+            return Err(format!(
+                "volume read at {offset} was short: {} of {len} bytes",
+                read.len()
+            ));
+        }
+        Ok(read.to_vec())
+    }
+
+    /// Makes completed writes durable (NBD FLUSH).
+    pub async fn flush(&self) -> Result<(), String> {
+        self.file
+            .fdatasync()
+            .await
+            .map_err(|error| format!("volume flush failed: {error}"))
+    }
+
+    pub fn shared(&self) -> Volume {
+        Volume {
+            file: self.file.clone(),
+            size_bytes: self.size_bytes,
+        }
+    }
+}
+
+/// Runs volume writes with a bound on how many are in flight, never two overlapping ones at
+/// once: concurrent direct-I/O writes to the same sectors may land in either order, and both
+/// the primary (later writes win on the local volume) and the DR (applies in op order) need the
+/// later one to land last. A write that overlaps one in flight waits, and so does every write
+/// after it, which keeps the order of overlapping writes without tracking dependencies.
+#[derive(Debug)]
+pub struct OrderedWrites {
+    inflight: Vec<(u64, u64, u64)>,
+    deferred: std::collections::VecDeque<(u64, u64, u32, u64)>,
+    inflight_max: usize,
+}
+
+/// A write to start: (seq, volume offset, length, ring offset).
+pub type WriteJob = (u64, u64, u32, u64);
+
+impl OrderedWrites {
+    pub fn new(inflight_max: usize) -> OrderedWrites {
+        assert!(inflight_max >= 1);
+        OrderedWrites {
+            inflight: Vec::with_capacity(inflight_max),
+            deferred: std::collections::VecDeque::new(),
+            inflight_max,
+        }
+    }
+
+    /// Queues a write; returns the jobs that may start now (at most the one given).
+    pub fn submit(&mut self, job: WriteJob) -> Option<WriteJob> {
+        let (seq, offset, len, _) = job;
+        let free = self.deferred.is_empty()
+            && self.inflight.len() < self.inflight_max
+            && self.overlap_free(offset, len);
+        if free {
+            self.inflight.push((seq, offset, offset + u64::from(len)));
+            Some(job)
+        } else {
+            self.deferred.push_back(job);
+            None
+        }
+    }
+
+    fn overlap_free(&self, offset: u64, len: u32) -> bool {
+        let end = offset + u64::from(len);
+        self.inflight
+            .iter()
+            .all(|&(_, start, stop)| end <= start || offset >= stop)
+    }
+
+    /// A write finished; returns the deferred jobs that may start now, in order.
+    pub fn finished(&mut self, seq: u64, startable: &mut Vec<WriteJob>) {
+        let at = self
+            .inflight
+            .iter()
+            .position(|&(inflight_seq, _, _)| inflight_seq == seq)
+            .expect("a finished write was in flight");
+        self.inflight.swap_remove(at);
+        while let Some(&(next_seq, offset, len, ring_offset)) = self.deferred.front() {
+            if self.inflight.len() >= self.inflight_max || !self.overlap_free(offset, len) {
+                break;
+            }
+            self.deferred.pop_front();
+            self.inflight
+                .push((next_seq, offset, offset + u64::from(len)));
+            startable.push((next_seq, offset, len, ring_offset));
+        }
+    }
+
+    pub fn idle(&self) -> bool {
+        self.inflight.is_empty() && self.deferred.is_empty()
+    }
+
+    pub fn pending(&self) -> usize {
+        self.inflight.len() + self.deferred.len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn overlapping_writes_wait_and_keep_their_order() {
+        // Checks that a write overlapping one in flight, and every later write, waits until the
+        // overlap is gone, and that the deferred ones start in submission order.
+        let mut writes = OrderedWrites::new(4);
+        assert!(writes.submit((1, 0, 4096, 0)).is_some());
+        assert!(writes.submit((2, 8192, 4096, 0)).is_some());
+        assert!(writes.submit((3, 0, 512, 0)).is_none(), "overlaps 1");
+        assert!(
+            writes.submit((4, 65536, 512, 0)).is_none(),
+            "behind a deferred write"
+        );
+        let mut startable = Vec::new();
+        writes.finished(2, &mut startable);
+        assert!(startable.is_empty(), "3 still overlaps 1");
+        writes.finished(1, &mut startable);
+        assert_eq!(
+            startable.iter().map(|job| job.0).collect::<Vec<_>>(),
+            vec![3, 4]
+        );
+        assert_eq!(writes.pending(), 2);
+    }
+}

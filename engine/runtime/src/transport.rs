@@ -1,0 +1,853 @@
+//! The transport boundary, shaped like verbs, and its TCP implementation.
+//!
+//! A role's runtime sees queue pairs: it posts two-sided SENDs and one-sided WRITEs (optionally
+//! with immediate data) and READs into the peer's registered regions, and it receives
+//! completions, error completions and incoming messages as [`TransportEvent`]s. The RDMA
+//! backend maps these one to one onto `ibv_post_send` and the completion queue; this module
+//! implements the same semantics over one TCP connection per queue pair, which is also how a
+//! long-distance DR link without RDMA runs.
+//!
+//! Facts of RC queue pairs this implementation keeps, because the protocol relies on them:
+//! - Work requests on one queue pair execute and complete in posting order.
+//! - A one-sided WRITE is placed in the responder's memory by the transport, without the
+//!   responder's role logic being involved; WRITE-with-immediate then delivers the immediate as
+//!   a receive completion, after the data is placed.
+//! - The responder checks the key, the bounds and the access rights of every one-sided access
+//!   ("the NIC"); a failure is a remote-access error completion at the initiator, nothing is
+//!   changed, and the queue pair goes to the error state: every later work request completes
+//!   with a flush error.
+//! - A peer that goes away, or stops answering for longer than the transport timeout, fails
+//!   every outstanding work request (flush error) and reports the queue pair down.
+//!
+//! Frames (all little-endian) carry a fixed 32-byte header and at most
+//! [`FRAME_PAYLOAD_BYTES_MAX`] bytes of payload. The responder acknowledges requests
+//! cumulatively after each burst it processed, which is what a NIC's coalesced ACKs do.
+
+use std::cell::{Cell, RefCell};
+use std::collections::VecDeque;
+use std::rc::Rc;
+use std::time::Duration;
+
+use crate::Sender;
+use futures_lite::{AsyncReadExt, AsyncWriteExt};
+use glommio::channels::local_channel::{self, LocalReceiver};
+use glommio::net::TcpStream;
+
+/// Remote access rights of a registered region.
+pub const ACCESS_REMOTE_WRITE: u32 = 1;
+pub const ACCESS_REMOTE_READ: u32 = 2;
+
+/// Largest payload of one frame: the largest write the engine replicates plus room, so that a
+/// peer cannot make us buffer more than this for one request.
+pub const FRAME_PAYLOAD_BYTES_MAX: usize = 4 << 20;
+const FRAME_HEADER_BYTES: usize = 32;
+const FRAME_MAGIC: u32 = u32::from_le_bytes(*b"ORDT");
+
+/// Work requests posted and not yet completed on one queue pair. The protocol's own limits
+/// (order batches, payload writes and aux writes in flight) stay far below this; reaching it is
+/// a bug in the caller, reported as [`PostError::QueueFull`].
+pub const SEND_QUEUE_DEPTH: usize = 4096;
+
+/// How long outstanding work may go unanswered before the queue pair is failed. RDMA's RC
+/// transport gives up after `retry_cnt` (at most 7) retransmissions of a local ACK timeout; over
+/// a WAN TCP link a few seconds covers retransmissions without hiding a dead peer for long.
+pub const TRANSPORT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// What a peer needs to access one of our regions remotely.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RegionDescriptor {
+    pub addr: u64,
+    pub len: u64,
+    pub rkey: u32,
+    pub access: u32,
+}
+
+/// Memory a region is backed by. The transport writes and reads it when a remote access arrives
+/// and only inside `with_bytes`, so the owner may hold it in a `RefCell`.
+pub trait RegionMemory {
+    /// Runs `f` on the region's bytes.
+    fn with_bytes(&self, f: &mut dyn FnMut(&mut [u8]));
+}
+
+struct Registration {
+    descriptor: RegionDescriptor,
+    memory: Rc<dyn RegionMemory>,
+    revoked: bool,
+}
+
+/// The regions one queue pair may access, like a protection domain's memory regions.
+#[derive(Default)]
+pub struct RegionTable {
+    registrations: RefCell<Vec<Registration>>,
+}
+
+impl std::fmt::Debug for RegionTable {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let descriptors: Vec<RegionDescriptor> = self
+            .registrations
+            .borrow()
+            .iter()
+            .map(|r| r.descriptor)
+            .collect();
+        f.debug_struct("RegionTable")
+            .field("regions", &descriptors)
+            .finish()
+    }
+}
+
+/// Why a remote access is refused.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AccessError {
+    UnknownKey,
+    Revoked,
+    OutOfBounds,
+    NotPermitted,
+}
+
+impl RegionTable {
+    pub fn new() -> Rc<Self> {
+        Rc::new(RegionTable::default())
+    }
+
+    /// Registers `len` bytes of `memory` with `access` rights. The key is random, so a peer
+    /// cannot guess another connection's key; the address is a per-registration base so that
+    /// bounds are checked on absolute addresses as a NIC does.
+    pub fn register(
+        &self,
+        memory: Rc<dyn RegionMemory>,
+        len: u64,
+        access: u32,
+    ) -> RegionDescriptor {
+        let mut registrations = self.registrations.borrow_mut();
+        let rkey = loop {
+            let candidate = crate::random_u32();
+            if candidate != 0 && registrations.iter().all(|r| r.descriptor.rkey != candidate) {
+                break candidate;
+            }
+        };
+        let addr = (u64::from(crate::random_u32()) | 1) << 20;
+        let descriptor = RegionDescriptor {
+            addr,
+            len,
+            rkey,
+            access,
+        };
+        registrations.push(Registration {
+            descriptor,
+            memory,
+            revoked: false,
+        });
+        descriptor
+    }
+
+    /// The descriptors registered so far.
+    pub fn descriptors(&self) -> Vec<RegionDescriptor> {
+        self.registrations
+            .borrow()
+            .iter()
+            .map(|r| r.descriptor)
+            .collect()
+    }
+
+    /// Revokes remote access to the region with `rkey`: every later access fails with a
+    /// remote-access error. This is how the aux and the DR fence an old primary.
+    pub fn revoke(&self, rkey: u32) {
+        for registration in self.registrations.borrow_mut().iter_mut() {
+            if registration.descriptor.rkey == rkey {
+                registration.revoked = true;
+            }
+        }
+    }
+
+    /// Runs `f` on the bytes `[addr, addr + len)` of a region, if `rkey` grants `access` there.
+    fn access(
+        &self,
+        rkey: u32,
+        addr: u64,
+        len: u64,
+        access: u32,
+        f: &mut dyn FnMut(&mut [u8]),
+    ) -> Result<(), AccessError> {
+        let registrations = self.registrations.borrow();
+        let registration = registrations
+            .iter()
+            .find(|r| r.descriptor.rkey == rkey)
+            .ok_or(AccessError::UnknownKey)?;
+        if registration.revoked {
+            return Err(AccessError::Revoked);
+        }
+        let descriptor = registration.descriptor;
+        if descriptor.access & access != access {
+            return Err(AccessError::NotPermitted);
+        }
+        let start = addr
+            .checked_sub(descriptor.addr)
+            .ok_or(AccessError::OutOfBounds)?;
+        let end = start.checked_add(len).ok_or(AccessError::OutOfBounds)?;
+        if end > descriptor.len {
+            return Err(AccessError::OutOfBounds);
+        }
+        let (start, end) = (start as usize, end as usize);
+        registration
+            .memory
+            .with_bytes(&mut |bytes| f(&mut bytes[start..end]));
+        Ok(())
+    }
+}
+
+/// The kind of a work request.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Opcode {
+    Send,
+    Write,
+    WriteWithImm,
+    Read,
+}
+
+/// How a work request ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum WorkStatus {
+    Success,
+    /// The responder refused the access (key, bounds, rights, revoked).
+    RemoteAccessError,
+    /// The responder could not take the request (malformed, or it is shutting the pair down).
+    RemoteOperationError,
+    /// The queue pair failed before this request completed; it may or may not have executed.
+    Flushed,
+}
+
+/// An event from a queue pair, tagged with the queue pair's id.
+#[derive(Debug)]
+pub enum TransportEvent {
+    /// A work request we posted completed.
+    Completion {
+        qp: u32,
+        wr_id: u64,
+        opcode: Opcode,
+        status: WorkStatus,
+        /// The bytes read, for a successful READ.
+        data: Option<Vec<u8>>,
+    },
+    /// The peer SENT a message.
+    Received { qp: u32, bytes: Vec<u8> },
+    /// The peer's WRITE-with-immediate was placed in our region.
+    ReceivedImm { qp: u32, imm: u32 },
+    /// The queue pair is down (peer gone, timeout, protocol error); all its outstanding work
+    /// requests were completed with `Flushed` just before.
+    Down { qp: u32, reason: String },
+}
+
+/// Why a work request could not be posted.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PostError {
+    /// The queue pair is down; post on a new one.
+    Down,
+    /// More than `SEND_QUEUE_DEPTH` work requests outstanding.
+    QueueFull,
+    /// The payload exceeds `FRAME_PAYLOAD_BYTES_MAX`.
+    TooLarge,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u8)]
+enum FrameKind {
+    Send = 1,
+    Write = 2,
+    WriteWithImm = 3,
+    Read = 4,
+    ReadResponse = 5,
+    Ack = 6,
+    Nak = 7,
+}
+
+impl FrameKind {
+    fn from_u8(value: u8) -> Option<FrameKind> {
+        Some(match value {
+            1 => FrameKind::Send,
+            2 => FrameKind::Write,
+            3 => FrameKind::WriteWithImm,
+            4 => FrameKind::Read,
+            5 => FrameKind::ReadResponse,
+            6 => FrameKind::Ack,
+            7 => FrameKind::Nak,
+            _ => return None,
+        })
+    }
+}
+
+/// A frame header. `value` is the remote address (WRITE, READ) or the cumulative count of
+/// processed requests (ACK, NAK); `aux` is the READ length or the NAK status.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct FrameHeader {
+    kind: FrameKind,
+    payload_len: u32,
+    imm: u32,
+    value: u64,
+    rkey: u32,
+    aux: u32,
+}
+
+impl FrameHeader {
+    fn encode(&self, out: &mut Vec<u8>) {
+        out.extend_from_slice(&FRAME_MAGIC.to_le_bytes());
+        out.extend_from_slice(&[self.kind as u8, 0, 0, 0]);
+        out.extend_from_slice(&self.payload_len.to_le_bytes());
+        out.extend_from_slice(&self.imm.to_le_bytes());
+        out.extend_from_slice(&self.value.to_le_bytes());
+        out.extend_from_slice(&self.rkey.to_le_bytes());
+        out.extend_from_slice(&self.aux.to_le_bytes());
+    }
+
+    fn decode(bytes: &[u8]) -> Result<FrameHeader, String> {
+        assert!(bytes.len() >= FRAME_HEADER_BYTES);
+        let u32_at = |at: usize| u32::from_le_bytes(bytes[at..at + 4].try_into().expect("4 bytes"));
+        if u32_at(0) != FRAME_MAGIC {
+            return Err(format!("bad frame magic {:#010x}", u32_at(0)));
+        }
+        let kind = FrameKind::from_u8(bytes[4])
+            .ok_or_else(|| format!("unknown frame kind {}", bytes[4]))?;
+        if bytes[5..8] != [0, 0, 0] {
+            return Err("reserved frame bytes are not zero".into());
+        }
+        let payload_len = u32_at(8);
+        if payload_len as usize > FRAME_PAYLOAD_BYTES_MAX {
+            return Err(format!(
+                "frame payload of {payload_len} bytes exceeds {FRAME_PAYLOAD_BYTES_MAX}"
+            ));
+        }
+        Ok(FrameHeader {
+            kind,
+            payload_len,
+            imm: u32_at(12),
+            value: u64::from_le_bytes(bytes[16..24].try_into().expect("8 bytes")),
+            rkey: u32_at(24),
+            aux: u32_at(28),
+        })
+    }
+}
+
+const NAK_REMOTE_ACCESS: u32 = 1;
+const NAK_REMOTE_OPERATION: u32 = 2;
+
+#[derive(Clone, Copy, Debug)]
+struct PostedRequest {
+    wr_id: u64,
+    opcode: Opcode,
+}
+
+struct QpState {
+    id: u32,
+    events: Sender<TransportEvent>,
+    /// Frames waiting for the writer task.
+    out: RefCell<Vec<u8>>,
+    wake_writer: Sender<()>,
+    /// Work requests posted and not completed, oldest first.
+    posted: RefCell<VecDeque<PostedRequest>>,
+    /// Requests of the peer we processed (for cumulative ACKs).
+    processed: Cell<u64>,
+    /// Requests of ours that completed (matched against the peer's cumulative ACKs).
+    completed: Cell<u64>,
+    /// The socket, to shut it down when the pair fails (which ends a pending read).
+    fd: std::os::fd::RawFd,
+    /// Set once the pair failed; posts fail from then on.
+    down: Cell<bool>,
+    /// Time of the last frame received, for the transport timeout.
+    last_heard: Cell<std::time::Instant>,
+    regions: Rc<RegionTable>,
+}
+
+/// One queue pair over one TCP connection. Cloning shares the pair.
+#[derive(Clone)]
+pub struct QueuePair {
+    state: Rc<QpState>,
+}
+
+impl std::fmt::Debug for QueuePair {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("QueuePair")
+            .field("id", &self.state.id)
+            .field("down", &self.state.down.get())
+            .field("posted", &self.state.posted.borrow().len())
+            .finish()
+    }
+}
+
+impl QueuePair {
+    /// Starts a queue pair on an established (and authenticated) connection. `regions` are the
+    /// local regions the peer may access through it; events go to `events`, which bounds how far
+    /// the peer can get ahead of the role (a full channel stops reading the socket, and TCP
+    /// pushes back on the peer, as receive-not-ready does on RDMA).
+    pub fn start(
+        stream: TcpStream,
+        regions: Rc<RegionTable>,
+        events: Sender<TransportEvent>,
+    ) -> QueuePair {
+        // Order records are tiny and latency-bound: never let Nagle hold them back.
+        let _ = stream.set_nodelay(true);
+        thread_local! {
+            static NEXT_QP_ID: Cell<u32> = const { Cell::new(1) };
+        }
+        let id = NEXT_QP_ID.with(|next| next.replace(next.get() + 1));
+        let (wake_writer, writer_wakeups) = local_channel::new_bounded(1);
+        let wake_writer = Rc::new(wake_writer);
+        let state = Rc::new(QpState {
+            id,
+            events,
+            out: RefCell::new(Vec::with_capacity(64 << 10)),
+            wake_writer,
+            posted: RefCell::new(VecDeque::new()),
+            processed: Cell::new(0),
+            completed: Cell::new(0),
+            fd: std::os::fd::AsRawFd::as_raw_fd(&stream),
+            down: Cell::new(false),
+            last_heard: Cell::new(std::time::Instant::now()),
+            regions,
+        });
+        let (reader, writer) = futures_lite::io::split(stream);
+        glommio::spawn_local(writer_task(state.clone(), writer, writer_wakeups)).detach();
+        glommio::spawn_local(reader_task(state.clone(), reader)).detach();
+        glommio::spawn_local(watchdog_task(Rc::downgrade(&state))).detach();
+        QueuePair { state }
+    }
+
+    pub fn id(&self) -> u32 {
+        self.state.id
+    }
+
+    pub fn is_down(&self) -> bool {
+        self.state.down.get()
+    }
+
+    pub fn outstanding(&self) -> usize {
+        self.state.posted.borrow().len()
+    }
+
+    /// Posts a two-sided SEND of `bytes` (copied).
+    pub fn post_send(&self, wr_id: u64, bytes: &[u8]) -> Result<(), PostError> {
+        self.post(
+            wr_id,
+            Opcode::Send,
+            FrameHeader {
+                kind: FrameKind::Send,
+                payload_len: 0,
+                imm: 0,
+                value: 0,
+                rkey: 0,
+                aux: 0,
+            },
+            bytes,
+        )
+    }
+
+    /// Posts a one-sided WRITE of `bytes` (copied) to `remote_addr` in the peer's region `rkey`,
+    /// with immediate data if `imm` is set.
+    pub fn post_write(
+        &self,
+        wr_id: u64,
+        bytes: &[u8],
+        remote_addr: u64,
+        rkey: u32,
+        imm: Option<u32>,
+    ) -> Result<(), PostError> {
+        let (kind, opcode) = match imm {
+            Some(_) => (FrameKind::WriteWithImm, Opcode::WriteWithImm),
+            None => (FrameKind::Write, Opcode::Write),
+        };
+        self.post(
+            wr_id,
+            opcode,
+            FrameHeader {
+                kind,
+                payload_len: 0,
+                imm: imm.unwrap_or(0),
+                value: remote_addr,
+                rkey,
+                aux: 0,
+            },
+            bytes,
+        )
+    }
+
+    /// Posts a one-sided READ of `len` bytes at `remote_addr` in the peer's region `rkey`; the
+    /// bytes come with the completion.
+    pub fn post_read(
+        &self,
+        wr_id: u64,
+        remote_addr: u64,
+        rkey: u32,
+        len: u32,
+    ) -> Result<(), PostError> {
+        if len as usize > FRAME_PAYLOAD_BYTES_MAX {
+            return Err(PostError::TooLarge);
+        }
+        self.post(
+            wr_id,
+            Opcode::Read,
+            FrameHeader {
+                kind: FrameKind::Read,
+                payload_len: 0,
+                imm: 0,
+                value: remote_addr,
+                rkey,
+                aux: len,
+            },
+            &[],
+        )
+    }
+
+    fn post(
+        &self,
+        wr_id: u64,
+        opcode: Opcode,
+        mut header: FrameHeader,
+        payload: &[u8],
+    ) -> Result<(), PostError> {
+        if self.state.down.get() {
+            return Err(PostError::Down);
+        }
+        if payload.len() > FRAME_PAYLOAD_BYTES_MAX {
+            return Err(PostError::TooLarge);
+        }
+        let mut posted = self.state.posted.borrow_mut();
+        if posted.len() >= SEND_QUEUE_DEPTH {
+            return Err(PostError::QueueFull);
+        }
+        if posted.is_empty() {
+            // The timeout counts from when work starts waiting, not from the last idle period.
+            self.state.last_heard.set(std::time::Instant::now());
+        }
+        posted.push_back(PostedRequest { wr_id, opcode });
+        header.payload_len = payload.len() as u32;
+        let mut out = self.state.out.borrow_mut();
+        header.encode(&mut out);
+        out.extend_from_slice(payload);
+        drop(out);
+        let _ = self.state.wake_writer.try_send(());
+        Ok(())
+    }
+
+    /// Fails the queue pair now (used on shutdown and by the watchdog).
+    pub fn fail(&self, reason: &str) {
+        fail_pair(&self.state, reason);
+    }
+}
+
+/// Moves the pair to the error state: every outstanding request completes `Flushed`, then
+/// `Down` is reported. Idempotent.
+fn fail_pair(state: &QpState, reason: &str) {
+    if state.down.replace(true) {
+        return;
+    }
+    let posted: Vec<PostedRequest> = state.posted.borrow_mut().drain(..).collect();
+    let events = state.events.clone();
+    let qp = state.id;
+    let reason = reason.to_string();
+    // The events channel may be full; deliver from a task so that failing never blocks.
+    glommio::spawn_local(async move {
+        for request in posted {
+            let _ = events
+                .send(TransportEvent::Completion {
+                    qp,
+                    wr_id: request.wr_id,
+                    opcode: request.opcode,
+                    status: WorkStatus::Flushed,
+                    data: None,
+                })
+                .await;
+        }
+        let _ = events.send(TransportEvent::Down { qp, reason }).await;
+    })
+    .detach();
+    let _ = state.wake_writer.try_send(());
+}
+
+async fn writer_task(
+    state: Rc<QpState>,
+    mut writer: futures_lite::io::WriteHalf<TcpStream>,
+    wakeups: LocalReceiver<()>,
+) {
+    let mut spare: Vec<u8> = Vec::with_capacity(64 << 10);
+    loop {
+        if state.out.borrow().is_empty() {
+            // A failed pair still sends what was queued before (a NAK tells the peer why).
+            if state.down.get() || wakeups.recv().await.is_none() {
+                break;
+            }
+            continue;
+        }
+        std::mem::swap(&mut *state.out.borrow_mut(), &mut spare);
+        let result = writer.write_all(&spare).await;
+        spare.clear();
+        if let Err(error) = result {
+            fail_pair(&state, &format!("send failed: {error}"));
+            break;
+        }
+    }
+    let _ = writer.close().await;
+    // SAFETY: `fd` is the socket owned by the stream whose halves are still alive (the reader
+    // task owns the other half), so it is open; shutdown(2) only ends its traffic, which makes
+    // a pending read return end-of-file instead of waiting for a peer that may never write.
+    unsafe {
+        libc::shutdown(state.fd, libc::SHUT_RDWR);
+    }
+}
+
+/// Reads frames, executes the peer's requests against our regions and turns the peer's
+/// answers into completions.
+async fn reader_task(state: Rc<QpState>, mut reader: futures_lite::io::ReadHalf<TcpStream>) {
+    let mut buffer = vec![0u8; 2 * (FRAME_HEADER_BYTES + FRAME_PAYLOAD_BYTES_MAX)];
+    let mut filled = 0usize;
+    let reason = loop {
+        if state.down.get() {
+            break String::from("queue pair failed");
+        }
+        let read = match reader.read(&mut buffer[filled..]).await {
+            Ok(0) => break String::from("peer closed the connection"),
+            Ok(read) => read,
+            Err(error) => break format!("receive failed: {error}"),
+        };
+        filled += read;
+        state.last_heard.set(std::time::Instant::now());
+        let mut at = 0usize;
+        let mut handled_requests = false;
+        let outcome = loop {
+            if filled - at < FRAME_HEADER_BYTES {
+                break Ok(());
+            }
+            let header = match FrameHeader::decode(&buffer[at..at + FRAME_HEADER_BYTES]) {
+                Ok(header) => header,
+                Err(error) => break Err(error),
+            };
+            let frame_end = at + FRAME_HEADER_BYTES + header.payload_len as usize;
+            if frame_end > filled {
+                break Ok(());
+            }
+            let payload = &buffer[at + FRAME_HEADER_BYTES..frame_end];
+            match handle_frame(&state, header, payload).await {
+                Ok(is_request) => handled_requests |= is_request,
+                Err(error) => break Err(error),
+            }
+            at = frame_end;
+        };
+        if let Err(error) = outcome {
+            break error;
+        }
+        buffer.copy_within(at..filled, 0);
+        filled -= at;
+        if handled_requests && !state.down.get() {
+            // One cumulative ACK per burst, as a NIC coalesces its ACKs.
+            let mut out = state.out.borrow_mut();
+            FrameHeader {
+                kind: FrameKind::Ack,
+                payload_len: 0,
+                imm: 0,
+                value: state.processed.get(),
+                rkey: 0,
+                aux: 0,
+            }
+            .encode(&mut out);
+            drop(out);
+            let _ = state.wake_writer.try_send(());
+        }
+    };
+    fail_pair(&state, &reason);
+}
+
+/// Handles one frame; returns whether it was a request of the peer (which needs an ACK).
+async fn handle_frame(
+    state: &Rc<QpState>,
+    header: FrameHeader,
+    payload: &[u8],
+) -> Result<bool, String> {
+    match header.kind {
+        FrameKind::Send => {
+            state.processed.set(state.processed.get() + 1);
+            state
+                .events
+                .send(TransportEvent::Received {
+                    qp: state.id,
+                    bytes: payload.to_vec(),
+                })
+                .await
+                .map_err(|_| String::from("role stopped"))?;
+            Ok(true)
+        }
+        FrameKind::Write | FrameKind::WriteWithImm => {
+            let placed = state.regions.access(
+                header.rkey,
+                header.value,
+                payload.len() as u64,
+                ACCESS_REMOTE_WRITE,
+                &mut |target| target.copy_from_slice(payload),
+            );
+            if placed.is_err() {
+                nak(state, NAK_REMOTE_ACCESS);
+                return Err(format!("refused the peer's remote write: {placed:?}"));
+            }
+            state.processed.set(state.processed.get() + 1);
+            if header.kind == FrameKind::WriteWithImm {
+                state
+                    .events
+                    .send(TransportEvent::ReceivedImm {
+                        qp: state.id,
+                        imm: header.imm,
+                    })
+                    .await
+                    .map_err(|_| String::from("role stopped"))?;
+            }
+            Ok(true)
+        }
+        FrameKind::Read => {
+            if header.payload_len != 0 {
+                nak(state, NAK_REMOTE_OPERATION);
+                return Err("READ request with a payload".into());
+            }
+            let len = header.aux as usize;
+            if len > FRAME_PAYLOAD_BYTES_MAX {
+                nak(state, NAK_REMOTE_OPERATION);
+                return Err(format!("READ of {len} bytes is too large"));
+            }
+            let mut out = state.out.borrow_mut();
+            let start = out.len();
+            FrameHeader {
+                kind: FrameKind::ReadResponse,
+                payload_len: header.aux,
+                imm: 0,
+                value: 0,
+                rkey: 0,
+                aux: 0,
+            }
+            .encode(&mut out);
+            let read = state.regions.access(
+                header.rkey,
+                header.value,
+                len as u64,
+                ACCESS_REMOTE_READ,
+                &mut |source| out.extend_from_slice(source),
+            );
+            if let Err(error) = read {
+                out.truncate(start);
+                drop(out);
+                nak(state, NAK_REMOTE_ACCESS);
+                return Err(format!("refused the peer's remote read: {error:?}"));
+            }
+            drop(out);
+            state.processed.set(state.processed.get() + 1);
+            let _ = state.wake_writer.try_send(());
+            Ok(true)
+        }
+        FrameKind::ReadResponse => {
+            let request = state.posted.borrow_mut().pop_front();
+            match request {
+                Some(request) if request.opcode == Opcode::Read => {
+                    complete(state, request, WorkStatus::Success, Some(payload.to_vec())).await?;
+                    Ok(false)
+                }
+                _ => Err("READ response without a READ outstanding".into()),
+            }
+        }
+        FrameKind::Ack => {
+            // `value` counts every request of ours the peer processed, READs included (whose
+            // responses came before this ACK and completed them already).
+            let completed_before = state.completed_total();
+            if header.value < completed_before {
+                return Err("cumulative ACK went backwards".into());
+            }
+            let mut newly = header.value - completed_before;
+            while newly > 0 {
+                let request = state.posted.borrow_mut().pop_front();
+                match request {
+                    Some(request) if request.opcode != Opcode::Read => {
+                        complete(state, request, WorkStatus::Success, None).await?;
+                    }
+                    _ => return Err("ACK for a request never posted".into()),
+                }
+                newly -= 1;
+            }
+            Ok(false)
+        }
+        FrameKind::Nak => {
+            let completed_before = state.completed_total();
+            let failed_index = header.value;
+            if failed_index < completed_before {
+                return Err("NAK for a completed request".into());
+            }
+            for _ in completed_before..failed_index {
+                let request = state.posted.borrow_mut().pop_front();
+                let request = request.ok_or("NAK beyond the posted requests")?;
+                complete(state, request, WorkStatus::Success, None).await?;
+            }
+            let status = if header.aux == NAK_REMOTE_ACCESS {
+                WorkStatus::RemoteAccessError
+            } else {
+                WorkStatus::RemoteOperationError
+            };
+            let request = state.posted.borrow_mut().pop_front();
+            if let Some(request) = request {
+                complete(state, request, status, None).await?;
+            }
+            Err(format!("peer refused our request: {status:?}"))
+        }
+    }
+}
+
+impl QpState {
+    /// Requests of ours completed so far.
+    fn completed_total(&self) -> u64 {
+        self.completed.get()
+    }
+}
+
+async fn complete(
+    state: &Rc<QpState>,
+    request: PostedRequest,
+    status: WorkStatus,
+    data: Option<Vec<u8>>,
+) -> Result<(), String> {
+    state.completed.set(state.completed.get() + 1);
+    state
+        .events
+        .send(TransportEvent::Completion {
+            qp: state.id,
+            wr_id: request.wr_id,
+            opcode: request.opcode,
+            status,
+            data,
+        })
+        .await
+        .map_err(|_| String::from("role stopped"))
+}
+
+/// Tells the peer which of its requests failed, then the pair is failed by the caller.
+fn nak(state: &QpState, status: u32) {
+    let mut out = state.out.borrow_mut();
+    FrameHeader {
+        kind: FrameKind::Nak,
+        payload_len: 0,
+        imm: 0,
+        value: state.processed.get(),
+        rkey: 0,
+        aux: status,
+    }
+    .encode(&mut out);
+    drop(out);
+    let _ = state.wake_writer.try_send(());
+}
+
+async fn watchdog_task(state: std::rc::Weak<QpState>) {
+    loop {
+        glommio::timer::sleep(TRANSPORT_TIMEOUT / 5).await;
+        let Some(state) = state.upgrade() else { return };
+        if state.down.get() {
+            return;
+        }
+        let waiting = !state.posted.borrow().is_empty();
+        if waiting && state.last_heard.get().elapsed() > TRANSPORT_TIMEOUT {
+            fail_pair(
+                &state,
+                &format!("peer did not answer for {} s", TRANSPORT_TIMEOUT.as_secs()),
+            );
+            return;
+        }
+    }
+}
