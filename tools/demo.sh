@@ -1,12 +1,9 @@
 #!/usr/bin/env bash
-# The main job: builds ordinal and runs the fault simulator over 100,000 seeds. Each seed is a
-# whole primary/DR/aux run with injected faults, ending in a failover whose outcome is checked
-# against the invariants I1-I6. Arguments are passed to `ordinal sim` (try --seed 12946 --trace).
+# The main job: builds ordinal and runs `ordinal demo`: aux, DR and primary as separate processes
+# on loopback, writes through NBD, the primary killed with SIGKILL mid-flight, failover, and a
+# byte-for-byte check of the DR volume. Arguments are passed to `ordinal demo` (see --help).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source tools/setup.sh
 cargo build --release --locked -p ordinal
-if [ $# -eq 0 ]; then
-  set -- --seeds 100000
-fi
-exec ./target/release/ordinal sim "$@"
+exec ./target/release/ordinal demo "$@"

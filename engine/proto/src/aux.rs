@@ -149,6 +149,14 @@ impl<R: AsRef<[u8]> + AsMut<[u8]>> Aux<R> {
             .flatten()
     }
 
+    /// A primary connected: its heartbeat is watched from now on, with a whole timeout of grace,
+    /// so that a primary started long after the aux is not declared dead on arrival.
+    pub fn handle_primary_connected(&mut self, now: Nanos) {
+        if self.fence_cause.is_none() {
+            self.last_change_at = self.last_change_at.max(now);
+        }
+    }
+
     /// Time passes: watch the heartbeat.
     pub fn handle_tick(&mut self, now: Nanos) {
         if self.fence_cause.is_some() {

@@ -207,6 +207,7 @@ pub async fn run_aux(options: AuxOptions) -> Result<(), String> {
                         let rkey = accepted.regions.descriptors()[0].rkey;
                         node.primary_grants.push((accepted.regions, rkey));
                         node.primary_connections += 1;
+                        node.aux.0.borrow_mut().handle_primary_connected(now);
                         eprintln!("aux: primary connected");
                     }
                     _ => {
@@ -263,7 +264,15 @@ pub async fn run_aux(options: AuxOptions) -> Result<(), String> {
                 };
                 let _ = request.answer.send(answer).await;
             }
-            Input::Tick => node.borrow().aux.0.borrow_mut().handle_tick(now),
+            Input::Tick => {
+                // The heartbeat is watched once a primary has connected to this aux process;
+                // before that there is nothing to declare dead (and an operator's fence request
+                // still works).
+                let node = node.borrow();
+                if node.primary_connections > 0 {
+                    node.aux.0.borrow_mut().handle_tick(now);
+                }
+            }
             Input::Local(()) => {}
         }
         execute_actions(&mut node.borrow_mut());
