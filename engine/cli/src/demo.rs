@@ -20,6 +20,8 @@ use std::time::{Duration, Instant};
 
 use clap::Args;
 
+use ordinal_sim::rng::Rng;
+
 use crate::report::LossSummary;
 
 const VOLUME_BYTES: u64 = 64 << 20;
@@ -50,19 +52,9 @@ pub struct DemoArgs {
     pub keep: bool,
 }
 
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        // splitmix64: small, fast and good enough for drawing offsets and instants.
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
+/// Draws below `n` (at least 1) from the simulator's seeded PRNG.
+fn below(rng: &mut Rng, n: u64) -> u64 {
+    rng.range(0, n.max(1) - 1)
 }
 
 /// The bytes of write `k` of run `seed`: every 8-byte word names the write, so a misplaced or
@@ -144,7 +136,6 @@ impl Drop for Node {
 
 /// What one run established.
 pub struct RunOutcome {
-    pub seed: u64,
     pub sent: u64,
     pub acked: u64,
     pub report: LossSummary,
@@ -184,7 +175,7 @@ fn start_workload(
     let sent_at: Arc<Mutex<Vec<Instant>>> = Arc::new(Mutex::new(Vec::new()));
     let (w, times) = (workload.clone(), sent_at.clone());
     let sender_thread = std::thread::spawn(move || {
-        let mut rng = Rng(seed);
+        let mut rng = Rng::new(seed);
         let mut k = 0u64;
         while !w.stop.load(Ordering::Relaxed) {
             if k - w.replied.load(Ordering::Acquire) >= QUEUE_DEPTH {
@@ -192,8 +183,8 @@ fn start_workload(
                 continue;
             }
             k += 1;
-            let len = BLOCK_BYTES * (1 + rng.below(WRITE_BLOCKS_MAX));
-            let offset = BLOCK_BYTES * rng.below((VOLUME_BYTES - len) / BLOCK_BYTES + 1);
+            let len = BLOCK_BYTES * (1 + below(&mut rng, WRITE_BLOCKS_MAX));
+            let offset = BLOCK_BYTES * below(&mut rng, (VOLUME_BYTES - len) / BLOCK_BYTES + 1);
             let data = write_bytes(seed, k, len as usize);
             w.writes.lock().expect("lock").push((offset, len));
             w.acked.lock().expect("lock").push(false);
@@ -248,7 +239,7 @@ pub fn run_once(
     let started = Instant::now();
     std::fs::create_dir_all(dir)
         .map_err(|error| format!("cannot create {}: {error}", dir.display()))?;
-    let mut rng = Rng(seed ^ 0xD1B5_4A32_D192_ED03);
+    let mut rng = Rng::new(seed ^ 0xD1B5_4A32_D192_ED03);
     let psk_path = dir.join("psk");
     let mut key = [0u8; 32];
     ordinal_runtime::fill_random(&mut key);
@@ -310,7 +301,7 @@ pub fn run_once(
         &["listening on", "serving NBD on"],
     )?;
     let (workload, threads) = start_workload(addrs[1], seed)?;
-    let kill_after = 1 + rng.below(writes_max.max(1));
+    let kill_after = 1 + below(&mut rng, writes_max.max(1));
     let limit = Duration::from_secs(60);
     match kill {
         "primary" => {}
@@ -318,7 +309,7 @@ pub fn run_once(
             wait_for_acks(&workload, kill_after / 2, limit)?;
             let node = if kill == "dr" { &mut dr } else { &mut aux };
             node.kill();
-            std::thread::sleep(Duration::from_millis(rng.below(300)));
+            std::thread::sleep(Duration::from_millis(below(&mut rng, 300)));
             // Restart on the same address (it was announced; the others reconnect to it).
             let addr = if kill == "dr" { dr_addr } else { aux_addr };
             let mut args = node.args.clone();
@@ -340,7 +331,7 @@ pub fn run_once(
     }
     wait_for_acks(&workload, kill_after, limit)?;
     // Let a random slice of in-flight work proceed, then crash the primary mid-flight.
-    std::thread::sleep(Duration::from_micros(rng.below(3000)));
+    std::thread::sleep(Duration::from_micros(below(&mut rng, 3000)));
     primary.kill();
     workload.stop.store(true, Ordering::Relaxed);
     let psk = key.into_bytes();
@@ -370,7 +361,6 @@ pub fn run_once(
         .count() as u64;
     let latencies_us = workload.latencies_us.lock().expect("lock").clone();
     Ok(RunOutcome {
-        seed,
         sent: writes.len() as u64,
         acked: acked.iter().filter(|a| **a).count() as u64,
         report,
@@ -406,7 +396,11 @@ fn verify(
             ));
             break;
         }
-        match writes.get((entry.seq - 1) as usize) {
+        match entry
+            .seq
+            .checked_sub(1)
+            .and_then(|index| writes.get(index as usize))
+        {
             Some(&(offset, len)) if offset == entry.volume_offset && len == entry.len => {}
             Some(&(offset, len)) => violations.push(format!(
                 "report: lost op {} is at {}+{}, but the client wrote {offset}+{len}",

@@ -207,3 +207,26 @@ impl<R: AsRef<[u8]> + AsMut<[u8]>> Aux<R> {
         self.actions.push(AuxAction::RevokePrimaryAccess);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::sample_geometry;
+
+    #[test]
+    fn a_primary_connecting_late_gets_a_whole_timeout_of_grace() {
+        // Checks that an aux opened long before its primary connects does not declare that
+        // primary dead on arrival, and still does a whole timeout after it connected.
+        let config = AuxConfig {
+            geometry: sample_geometry(),
+            heartbeat_timeout_ns: 1_000,
+        };
+        let region = vec![0u8; aux_region_bytes(config.geometry.table_slots)];
+        let mut aux = Aux::open(config, region, 1, 0).expect("a fresh region opens");
+        aux.handle_primary_connected(10_000);
+        aux.handle_tick(10_500);
+        assert_eq!(aux.fenced(), None, "within the grace period");
+        aux.handle_tick(11_000);
+        assert_eq!(aux.fenced(), Some(FenceCause::HeartbeatLost));
+    }
+}

@@ -297,6 +297,46 @@ impl<E> Inputs<E> {
     }
 }
 
+/// Connects to `addr` and authenticates as `role` for `purpose`; returns the stream (its queue
+/// pair is started by the daemon's loop, so that no event can arrive for a pair the loop does
+/// not know yet) and what the peer granted.
+pub async fn connect(
+    addr: SocketAddr,
+    psk: &[u8],
+    role: Role,
+    purpose: Purpose,
+    info: NodeInfo,
+) -> Result<(TcpStream, Grant), String> {
+    let mut stream = TcpStream::connect_timeout(addr, Duration::from_secs(2))
+        .await
+        .map_err(|error| format!("cannot reach {addr}: {error}"))?;
+    let grant = control::client_handshake(&mut stream, psk, role, purpose, info)
+        .await
+        .map_err(|error| format!("{addr}: {error}"))?;
+    Ok((stream, grant))
+}
+
+/// Runs `attempt` every `pause` until it succeeds, logging every 25th failure as `what`.
+pub async fn keep_trying<T, F, Fut>(what: &str, pause: Duration, mut attempt: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, String>>,
+{
+    let mut failures = 0u64;
+    loop {
+        match attempt().await {
+            Ok(value) => return value,
+            Err(error) => {
+                if failures % 25 == 0 {
+                    eprintln!("{what}: {error} (retrying)");
+                }
+                failures += 1;
+            }
+        }
+        glommio::timer::sleep(pause).await;
+    }
+}
+
 /// Prints the line parent processes wait for to learn a daemon's address.
 pub fn announce(role: Role, what: &str, addr: SocketAddr) {
     println!("ordinal {} {what} {addr}", role.name());

@@ -16,7 +16,7 @@ use ordinal_proto::{Epoch, Geometry};
 
 use crate::admin::{self, Input};
 use crate::control::{Grant, NodeInfo, Purpose, Role};
-use crate::storage::open_region;
+use crate::storage::map_file;
 use crate::transport::{
     QueuePair, RegionMemory, RegionTable, TransportEvent, ACCESS_REMOTE_READ, ACCESS_REMOTE_WRITE,
 };
@@ -101,18 +101,8 @@ pub async fn run_aux(options: AuxOptions) -> Result<(), String> {
     std::fs::create_dir_all(&options.state_dir)
         .map_err(|error| format!("cannot create {}: {error}", options.state_dir.display()))?;
     let path = options.state_dir.join("aux-table.region");
-    let region = open_region(&path, aux_region_bytes(options.geometry.table_slots) as u64)?;
-    drop(region);
-    // The aux owns its mapping directly; `open_region` made and checked the file.
-    let file = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(&path)
-        .map_err(|error| format!("cannot open {}: {error}", path.display()))?;
-    // SAFETY: as in `open_region`: a regular file of this node's state directory, used by this
-    // daemon alone, whose contents are validated when read.
-    let map = unsafe { memmap2::MmapMut::map_mut(&file) }
-        .map_err(|error| format!("cannot map {}: {error}", path.display()))?;
+    // The aux role owns its mapping (the transport reaches it through the role).
+    let map = map_file(&path, aux_region_bytes(options.geometry.table_slots) as u64)?;
     let config = AuxConfig {
         geometry: options.geometry,
         heartbeat_timeout_ns: options.heartbeat_timeout.as_nanos() as u64,

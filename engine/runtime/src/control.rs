@@ -36,7 +36,6 @@ pub const HELLO_BYTES: usize = 80;
 pub const CHALLENGE_BYTES: usize = 72;
 pub const PROOF_BYTES: usize = MAC_BYTES;
 pub const VERDICT_BYTES: usize = 288;
-const INFO_BYTES: usize = 40;
 pub const DESCRIPTORS_MAX: usize = 4;
 const DESCRIPTOR_BYTES: usize = 24;
 const MESSAGE_BYTES_MAX: usize = 128;

@@ -18,8 +18,8 @@ use ordinal_proto::{Epoch, Geometry, Seq};
 
 use crate::admin::{self, Input};
 use crate::aux::Notice;
-use crate::control::{self, geometry_mismatch, Grant, NodeInfo, Purpose, Role};
-use crate::storage::{open_region, MappedRegion, OrderedWrites, Volume, WriteJob};
+use crate::control::{geometry_mismatch, Grant, NodeInfo, Purpose, Role};
+use crate::storage::{map_file, open_region, MappedRegion, OrderedWrites, Volume, WriteJob};
 use crate::transport::{
     Opcode, QueuePair, RegionDescriptor, RegionMemory, RegionTable, TransportEvent, WorkStatus,
     ACCESS_REMOTE_WRITE,
@@ -47,7 +47,7 @@ pub enum DrEvent {
         result: Result<(), String>,
     },
     AuxConnected {
-        qp: QueuePair,
+        stream: TcpStream,
         table: RegionDescriptor,
     },
 }
@@ -69,7 +69,7 @@ enum Failover {
 struct DrNode {
     dr: Dr<MmapMut>,
     ring: Rc<MappedRegion>,
-    volume: Volume,
+    volume: Rc<Volume>,
     writes: OrderedWrites,
     /// Applies in emission order, and those finished out of order.
     applies: VecDeque<Seq>,
@@ -93,7 +93,7 @@ pub async fn run_dr(options: DrOptions) -> Result<(), String> {
         .map_err(|error| format!("invalid geometry: {error}"))?;
     std::fs::create_dir_all(&options.state_dir)
         .map_err(|error| format!("cannot create {}: {error}", options.state_dir.display()))?;
-    let volume = Volume::open(&options.volume, geometry.sector_bytes).await?;
+    let volume = Rc::new(Volume::open(&options.volume, geometry.sector_bytes).await?);
     if volume.size_bytes() != geometry.volume_bytes {
         return Err(format!(
             "volume {} is {} bytes but the replicated volume is {} bytes",
@@ -107,19 +107,8 @@ pub async fn run_dr(options: DrOptions) -> Result<(), String> {
         geometry.ring_bytes,
     )?;
     let log_path = options.state_dir.join("dr-order-log.region");
-    drop(open_region(
-        &log_path,
-        dr_log_bytes(geometry.table_slots) as u64,
-    )?);
-    let log_file = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(&log_path)
-        .map_err(|error| format!("cannot open {}: {error}", log_path.display()))?;
-    // SAFETY: a regular file of this node's state directory, used by this daemon alone; every
-    // slot read back is validated by `Dr::open`.
-    let log = unsafe { MmapMut::map_mut(&log_file) }
-        .map_err(|error| format!("cannot map {}: {error}", log_path.display()))?;
+    // The DR role owns its log's mapping; `Dr::open` validates every slot read back.
+    let log = map_file(&log_path, dr_log_bytes(geometry.table_slots) as u64)?;
     let mut config = DrConfig::new(geometry);
     config.applies_inflight_max = options.applies_inflight_max as u64;
     let dr = Dr::open(config, log, options.epoch, &ring.map.borrow())
@@ -223,7 +212,6 @@ pub async fn run_dr(options: DrOptions) -> Result<(), String> {
                 options.psk.clone(),
                 info,
                 senders.local.clone(),
-                senders.transport.clone(),
             ))
             .detach();
         }
@@ -278,8 +266,9 @@ pub async fn run_dr(options: DrOptions) -> Result<(), String> {
                     node.dr.handle_apply_done(through);
                 }
             }
-            Input::Local(DrEvent::AuxConnected { qp, table }) => {
+            Input::Local(DrEvent::AuxConnected { stream, table }) => {
                 node.aux_connecting = false;
+                let qp = QueuePair::start(stream, RegionTable::new(), senders.transport.clone());
                 eprintln!("dr: connected to the aux");
                 node.aux = Some((qp, table));
             }
@@ -319,50 +308,17 @@ pub async fn run_dr(options: DrOptions) -> Result<(), String> {
     }
 }
 
-async fn connect_to_aux(
-    addr: SocketAddr,
-    psk: Vec<u8>,
-    info: NodeInfo,
-    local: Sender<DrEvent>,
-    transport: Sender<TransportEvent>,
-) {
-    let mut attempt = 0u32;
-    loop {
-        match TcpStream::connect_timeout(addr, Duration::from_secs(2)).await {
-            Ok(mut stream) => {
-                match control::client_handshake(
-                    &mut stream,
-                    &psk,
-                    Role::Dr,
-                    Purpose::AuxWatch,
-                    info,
-                )
-                .await
-                {
-                    Ok(grant) if grant.descriptors.len() == 1 => {
-                        // The watch pair's events go through the daemon's transport channel;
-                        // the loop learns the pair from this event.
-                        let _ = local
-                            .send(DrEvent::AuxConnected {
-                                qp: QueuePair::start(stream, RegionTable::new(), transport),
-                                table: grant.descriptors[0],
-                            })
-                            .await;
-                        return;
-                    }
-                    Ok(_) => eprintln!("dr: the aux granted no status table"),
-                    Err(error) => eprintln!("dr: aux {addr}: {error}"),
-                }
-            }
-            Err(error) => {
-                if attempt % 50 == 0 {
-                    eprintln!("dr: cannot reach the aux at {addr}: {error} (retrying)");
-                }
-            }
-        }
-        attempt += 1;
-        glommio::timer::sleep(Duration::from_millis(100)).await;
-    }
+async fn connect_to_aux(addr: SocketAddr, psk: Vec<u8>, info: NodeInfo, local: Sender<DrEvent>) {
+    let event = admin::keep_trying("dr: aux", Duration::from_millis(100), || async {
+        let (stream, grant) = admin::connect(addr, &psk, Role::Dr, Purpose::AuxWatch, info).await?;
+        let table = *grant
+            .descriptors
+            .first()
+            .ok_or("the aux granted no status table")?;
+        Ok(DrEvent::AuxConnected { stream, table })
+    })
+    .await;
+    let _ = local.send(event).await;
 }
 
 fn handle_transport(node: &mut DrNode, event: TransportEvent, auto_failover: bool) {
@@ -474,18 +430,13 @@ fn finish_failover(node: &mut DrNode, aux_area: Option<&[u8]>) {
 }
 
 fn start_applies(node: &mut DrNode, jobs: Vec<WriteJob>, local: &Sender<DrEvent>) {
-    let local = local.clone();
+    let ring = node.ring.map.borrow();
     for (seq, volume_offset, len, ring_offset) in jobs {
-        let bytes = node.ring.map.borrow()
-            [ring_offset as usize..ring_offset as usize + len as usize]
-            .to_vec();
-        let volume = node.volume.shared();
-        let local = Rc::clone(&local);
-        glommio::spawn_local(async move {
-            let result = volume.write(volume_offset, &bytes).await;
-            let _ = local.send(DrEvent::ApplyDone { seq, result }).await;
-        })
-        .detach();
+        let span = &ring[ring_offset as usize..ring_offset as usize + len as usize];
+        node.volume
+            .spawn_write(volume_offset, span, local, move |result| {
+                DrEvent::ApplyDone { seq, result }
+            });
     }
 }
 

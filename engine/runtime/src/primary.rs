@@ -17,7 +17,7 @@ use ordinal_proto::primary::{AuxWriteTag, Primary, PrimaryAction, PrimaryConfig,
 use ordinal_proto::{Epoch, Geometry, LinkLossPolicy, Mode, Seq};
 
 use crate::admin::{self, Input};
-use crate::control::{self, Grant, NodeInfo, Purpose, Role};
+use crate::control::{NodeInfo, Purpose, Role};
 use crate::storage::{OrderedWrites, Volume, WriteJob};
 use crate::transport::{
     Opcode, QueuePair, RegionDescriptor, RegionTable, TransportEvent, WorkStatus,
@@ -64,12 +64,12 @@ pub enum PrimaryEvent {
         result: Result<(), String>,
     },
     DrConnected {
-        order: QueuePair,
-        data: QueuePair,
+        order: TcpStream,
+        data: TcpStream,
         ring: RegionDescriptor,
     },
     AuxConnected {
-        qp: QueuePair,
+        stream: TcpStream,
         table: RegionDescriptor,
     },
 }
@@ -150,13 +150,7 @@ struct PrimaryNode {
     dr_connecting: bool,
     aux_connecting: bool,
     last_acked: Seq,
-    /// Events of queue pairs the loop does not know yet: a connector starts a pair, and the
-    /// peer's first message (the DR's hello) can arrive before the loop learns of the pair.
-    early: VecDeque<TransportEvent>,
 }
-
-/// Early events kept at most; a new pair's peer says hello once and waits for us.
-const EARLY_EVENTS_MAX: usize = 64;
 
 /// Runs the primary until it stops; `ready` receives the client API once the volume is open.
 pub async fn run_primary(
@@ -218,7 +212,6 @@ pub async fn run_primary(
         dr_connecting: false,
         aux_connecting: false,
         last_acked: 0,
-        early: VecDeque::new(),
     }));
     let info = NodeInfo {
         geometry: Some(geometry),
@@ -257,15 +250,17 @@ pub async fn run_primary(
             Input::Local(PrimaryEvent::DrConnected { order, data, ring }) => {
                 node.dr_connecting = false;
                 eprintln!("primary: connected to the DR");
-                node.dr = Some((order, data, ring));
-                replay_early(node, now);
+                let start = |stream| {
+                    QueuePair::start(stream, RegionTable::new(), senders.transport.clone())
+                };
+                node.dr = Some((start(order), start(data), ring));
             }
-            Input::Local(PrimaryEvent::AuxConnected { qp, table }) => {
+            Input::Local(PrimaryEvent::AuxConnected { stream, table }) => {
                 node.aux_connecting = false;
                 eprintln!("primary: connected to the aux");
+                let qp = QueuePair::start(stream, RegionTable::new(), senders.transport.clone());
                 node.aux = Some((qp, table));
                 node.primary.handle_aux_up(now);
-                replay_early(node, now);
             }
             Input::Transport(event) => handle_transport(node, event, now),
             Input::Admin(request) => {
@@ -288,7 +283,6 @@ pub async fn run_primary(
                 options.psk.clone(),
                 info,
                 senders.local.clone(),
-                senders.transport.clone(),
             ))
             .detach();
         }
@@ -299,7 +293,6 @@ pub async fn run_primary(
                 options.psk.clone(),
                 info,
                 senders.local.clone(),
-                senders.transport.clone(),
             ))
             .detach();
         }
@@ -338,67 +331,26 @@ fn admit(node: &mut PrimaryNode, now: u64) {
     }
 }
 
-async fn connect_qp(
-    addr: SocketAddr,
-    psk: &[u8],
-    purpose: Purpose,
-    info: NodeInfo,
-    transport: &Sender<TransportEvent>,
-) -> Result<(QueuePair, Grant), String> {
-    let mut stream = TcpStream::connect_timeout(addr, Duration::from_secs(2))
-        .await
-        .map_err(|error| format!("cannot reach {addr}: {error}"))?;
-    let grant = control::client_handshake(&mut stream, psk, Role::Primary, purpose, info)
-        .await
-        .map_err(|error| format!("{addr}: {error}"))?;
-    Ok((
-        QueuePair::start(stream, RegionTable::new(), transport.clone()),
-        grant,
-    ))
-}
-
 async fn connect_to_dr(
     addr: SocketAddr,
     psk: Vec<u8>,
     info: NodeInfo,
     local: Sender<PrimaryEvent>,
-    transport: Sender<TransportEvent>,
 ) {
-    let mut attempt = 0u64;
-    loop {
-        // The data pair first: once the order pair is up the DR says hello and the primary
-        // starts posting payload writes.
-        let connected = async {
-            let (data, grant) = connect_qp(addr, &psk, Purpose::DataQp, info, &transport).await?;
-            let ring = *grant
-                .descriptors
-                .first()
-                .ok_or("the DR granted no staging ring")?;
-            match connect_qp(addr, &psk, Purpose::OrderQp, info, &transport).await {
-                Ok((order, _)) => Ok((order, data, ring)),
-                Err(error) => {
-                    data.fail("the order connection failed");
-                    Err(error)
-                }
-            }
-        }
-        .await;
-        match connected {
-            Ok((order, data, ring)) => {
-                let _ = local
-                    .send(PrimaryEvent::DrConnected { order, data, ring })
-                    .await;
-                return;
-            }
-            Err(error) => {
-                if attempt % 25 == 0 {
-                    eprintln!("primary: DR: {error} (retrying)");
-                }
-            }
-        }
-        attempt += 1;
-        glommio::timer::sleep(Duration::from_millis(200)).await;
-    }
+    let event = admin::keep_trying("primary: DR", Duration::from_millis(200), || async {
+        // The data connection first: once the order connection is up the DR says hello and
+        // the primary starts posting payload writes.
+        let (data, grant) =
+            admin::connect(addr, &psk, Role::Primary, Purpose::DataQp, info).await?;
+        let ring = *grant
+            .descriptors
+            .first()
+            .ok_or("the DR granted no staging ring")?;
+        let (order, _) = admin::connect(addr, &psk, Role::Primary, Purpose::OrderQp, info).await?;
+        Ok(PrimaryEvent::DrConnected { order, data, ring })
+    })
+    .await;
+    let _ = local.send(event).await;
 }
 
 async fn connect_to_aux(
@@ -406,37 +358,18 @@ async fn connect_to_aux(
     psk: Vec<u8>,
     info: NodeInfo,
     local: Sender<PrimaryEvent>,
-    transport: Sender<TransportEvent>,
 ) {
-    let mut attempt = 0u64;
-    loop {
-        match connect_qp(addr, &psk, Purpose::AuxTable, info, &transport).await {
-            Ok((qp, grant)) if grant.descriptors.len() == 1 => {
-                let _ = local
-                    .send(PrimaryEvent::AuxConnected {
-                        qp,
-                        table: grant.descriptors[0],
-                    })
-                    .await;
-                return;
-            }
-            Ok(_) => eprintln!("primary: the aux granted no status table"),
-            Err(error) => {
-                if attempt % 25 == 0 {
-                    eprintln!("primary: aux: {error} (retrying)");
-                }
-            }
-        }
-        attempt += 1;
-        glommio::timer::sleep(Duration::from_millis(200)).await;
-    }
-}
-
-fn replay_early(node: &mut PrimaryNode, now: u64) {
-    let early: Vec<TransportEvent> = node.early.drain(..).collect();
-    for event in early {
-        handle_transport(node, event, now);
-    }
+    let event = admin::keep_trying("primary: aux", Duration::from_millis(200), || async {
+        let (stream, grant) =
+            admin::connect(addr, &psk, Role::Primary, Purpose::AuxTable, info).await?;
+        let table = *grant
+            .descriptors
+            .first()
+            .ok_or("the aux granted no status table")?;
+        Ok(PrimaryEvent::AuxConnected { stream, table })
+    })
+    .await;
+    let _ = local.send(event).await;
 }
 
 const WR_AUX_ENTRIES: u64 = 0;
@@ -491,38 +424,18 @@ fn handle_transport(node: &mut PrimaryNode, event: TransportEvent, now: u64) {
                 node.primary.handle_aux_write_failed(false, now);
             }
         }
-        event => {
-            let known =
-                |qp: u32| dr_ids.is_some_and(|(o, d)| o == qp || d == qp) || aux_id == Some(qp);
-            let qp = match &event {
-                TransportEvent::Completion { qp, .. }
-                | TransportEvent::Received { qp, .. }
-                | TransportEvent::ReceivedImm { qp, .. }
-                | TransportEvent::Down { qp, .. } => *qp,
-            };
-            if !known(qp) && (node.dr_connecting || node.aux_connecting) {
-                if node.early.len() == EARLY_EVENTS_MAX {
-                    node.early.pop_front();
-                }
-                node.early.push_back(event);
-            }
-        }
+        // Leftover events of pairs replaced since change nothing.
+        _ => {}
     }
 }
 
 fn start_local_writes(node: &mut PrimaryNode, jobs: Vec<WriteJob>, local: &Sender<PrimaryEvent>) {
     for (seq, volume_offset, len, ring_offset) in jobs {
-        let bytes =
-            node.staging[ring_offset as usize..ring_offset as usize + len as usize].to_vec();
-        let volume = node.volume.clone();
-        let local = local.clone();
-        glommio::spawn_local(async move {
-            let result = volume.write(volume_offset, &bytes).await;
-            let _ = local
-                .send(PrimaryEvent::LocalWriteDone { seq, result })
-                .await;
-        })
-        .detach();
+        let span = &node.staging[ring_offset as usize..ring_offset as usize + len as usize];
+        node.volume
+            .spawn_write(volume_offset, span, local, move |result| {
+                PrimaryEvent::LocalWriteDone { seq, result }
+            });
     }
 }
 

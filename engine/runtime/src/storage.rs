@@ -30,9 +30,17 @@ impl RegionMemory for MappedRegion {
     }
 }
 
-/// Opens `path` as a region of exactly `len_bytes`, creating it zero-filled if it is missing.
-/// An existing file of another size was made for another geometry and is refused by name.
+/// Opens `path` as a region of exactly `len_bytes`, shared with the transport.
 pub fn open_region(path: &Path, len_bytes: u64) -> Result<Rc<MappedRegion>, String> {
+    Ok(Rc::new(MappedRegion {
+        path: path.to_path_buf(),
+        map: RefCell::new(map_file(path, len_bytes)?),
+    }))
+}
+
+/// Maps `path` as exactly `len_bytes`, creating it zero-filled if it is missing. An existing
+/// file of another size was made for another geometry and is refused by name.
+pub fn map_file(path: &Path, len_bytes: u64) -> Result<MmapMut, String> {
     let file = OpenOptions::new()
         .read(true)
         .write(true)
@@ -61,12 +69,8 @@ pub fn open_region(path: &Path, len_bytes: u64) -> Result<Rc<MappedRegion>, Stri
     // could change it underneath us; ordinal's files live in the node's own state directory and
     // one daemon at a time uses them, and every byte read back is validated (checksums,
     // bounds) as untrusted input anyway.
-    let map = unsafe { MmapMut::map_mut(&file) }
-        .map_err(|error| format!("cannot map {}: {error}", path.display()))?;
-    Ok(Rc::new(MappedRegion {
-        path: path.to_path_buf(),
-        map: RefCell::new(map),
-    }))
+    unsafe { MmapMut::map_mut(&file) }
+        .map_err(|error| format!("cannot map {}: {error}", path.display()))
 }
 
 /// Size in bytes of a file or block device.
@@ -117,23 +121,34 @@ impl Volume {
         self.size_bytes
     }
 
-    /// Writes `bytes` at `offset`; both are sector-aligned (the protocol validated them).
-    pub async fn write(&self, offset: u64, bytes: &[u8]) -> Result<(), String> {
+    /// Starts writing `bytes` at `offset` (both sector-aligned: the protocol validated them) and
+    /// sends `done(result)` to `events` when the write finished. The bytes are copied once,
+    /// straight into an aligned direct-I/O buffer, before this returns, so the caller's staging
+    /// memory may be reused at once.
+    pub fn spawn_write<E: 'static>(
+        self: &Rc<Self>,
+        offset: u64,
+        bytes: &[u8],
+        events: &crate::Sender<E>,
+        done: impl FnOnce(Result<(), String>) -> E + 'static,
+    ) {
         let mut buffer = self.file.alloc_dma_buffer(bytes.len());
         buffer.as_bytes_mut().copy_from_slice(bytes);
-        let written = self.file.write_at(buffer, offset).await.map_err(|error| {
-            format!(
-                "volume write of {} bytes at {offset} failed: {error}",
-                bytes.len()
-            )
-        })?;
-        if written != bytes.len() {
-            return Err(format!(
-                "volume write at {offset} was short: {written} of {} bytes (disk full?)",
-                bytes.len()
-            ));
-        }
-        Ok(())
+        let (volume, events) = (self.clone(), events.clone());
+        let len = bytes.len();
+        glommio::spawn_local(async move {
+            let result = match volume.file.write_at(buffer, offset).await {
+                Ok(written) if written == len => Ok(()),
+                Ok(written) => Err(format!(
+                    "volume write at {offset} was short: {written} of {len} bytes (disk full?)"
+                )),
+                Err(error) => Err(format!(
+                    "volume write of {len} bytes at {offset} failed: {error}"
+                )),
+            };
+            let _ = events.send(done(result)).await;
+        })
+        .detach();
     }
 
     pub async fn read(&self, offset: u64, len: usize) -> Result<Vec<u8>, String> {
@@ -157,13 +172,6 @@ impl Volume {
             .await
             .map_err(|error| format!("volume flush failed: {error}"))
     }
-
-    pub fn shared(&self) -> Volume {
-        Volume {
-            file: self.file.clone(),
-            size_bytes: self.size_bytes,
-        }
-    }
 }
 
 /// Runs volume writes with a bound on how many are in flight, never two overlapping ones at
@@ -173,8 +181,9 @@ impl Volume {
 /// after it, which keeps the order of overlapping writes without tracking dependencies.
 #[derive(Debug)]
 pub struct OrderedWrites {
+    /// (seq, first byte, end byte) of each write in flight.
     inflight: Vec<(u64, u64, u64)>,
-    deferred: std::collections::VecDeque<(u64, u64, u32, u64)>,
+    deferred: std::collections::VecDeque<WriteJob>,
     inflight_max: usize,
 }
 

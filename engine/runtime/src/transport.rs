@@ -333,6 +333,8 @@ const NAK_REMOTE_OPERATION: u32 = 2;
 struct PostedRequest {
     wr_id: u64,
     opcode: Opcode,
+    /// Bytes a READ asked for: its response must carry exactly that many.
+    read_len: u32,
 }
 
 struct QpState {
@@ -516,7 +518,16 @@ impl QueuePair {
             // The timeout counts from when work starts waiting, not from the last idle period.
             self.state.last_heard.set(std::time::Instant::now());
         }
-        posted.push_back(PostedRequest { wr_id, opcode });
+        let read_len = if opcode == Opcode::Read {
+            header.aux
+        } else {
+            0
+        };
+        posted.push_back(PostedRequest {
+            wr_id,
+            opcode,
+            read_len,
+        });
         header.payload_len = payload.len() as u32;
         let mut out = self.state.out.borrow_mut();
         header.encode(&mut out);
@@ -739,11 +750,14 @@ async fn handle_frame(
         FrameKind::ReadResponse => {
             let request = state.posted.borrow_mut().pop_front();
             match request {
-                Some(request) if request.opcode == Opcode::Read => {
+                Some(request)
+                    if request.opcode == Opcode::Read
+                        && payload.len() == request.read_len as usize =>
+                {
                     complete(state, request, WorkStatus::Success, Some(payload.to_vec())).await?;
                     Ok(false)
                 }
-                _ => Err("READ response without a READ outstanding".into()),
+                _ => Err("READ response without a READ of that length outstanding".into()),
             }
         }
         FrameKind::Ack => {
