@@ -2,13 +2,12 @@
 //! node killed (`kill -9`) mid-flight, a failover, and a byte-for-byte check of the DR volume
 //! against an expected image computed independently of the engine.
 //!
-//! The checks, named after SPEC's invariants, use only what the client and the operator see:
-//! the writes sent (NBD write number k is op k: one connection, admitted in arrival order), which
-//! were acknowledged, the loss report and the DR volume's bytes.
-//! - I1/I3: the DR volume equals the initial image with writes 1..=cut applied in order.
-//! - Report: the lost ops are exactly cut+1.., each with the byte range the client wrote.
-//! - I4: every acknowledged write is within the cut or reported lost.
-//! - I6 (order-sync): every acknowledged write's order was held by the DR.
+//! Each run is checked by the simulator's invariant checker (`ordinal_sim::check_history`, I1-I6
+//! and the loss report), fed only with what an outside observer sees: the writes sent (NBD write
+//! number k is op k: one connection, admitted in arrival order), which were acknowledged, the
+//! loss report, the DR volume's bytes when it was promoted and after every process stopped, and
+//! the aux table file (which ops it recorded as replicated, and that it did not change after
+//! the fence).
 
 use std::io::{BufRead, BufReader, Write};
 use std::net::SocketAddr;
@@ -340,15 +339,26 @@ pub fn run_once(
     let report = LossSummary::parse(&report_json)?;
     std::fs::write(dir.join("loss-report.json"), &report_json)
         .map_err(|error| error.to_string())?;
+    let read = |path: PathBuf| {
+        std::fs::read(&path).map_err(|error| format!("cannot read {}: {error}", path.display()))
+    };
+    let aux_region = || read(dir.join("aux-state").join("aux-table.region"));
+    let dr_volume_at_promotion = read(dir.join("dr.vol"))?;
+    let aux_region_at_fence = aux_region()?;
     for thread in threads {
         let _ = thread.join();
     }
     dr.kill();
     aux.kill();
-    let dr_volume = std::fs::read(dir.join("dr.vol")).map_err(|error| error.to_string())?;
+    let observed = Observed {
+        dr_volume_at_promotion,
+        dr_volume_at_end: read(dir.join("dr.vol"))?,
+        aux_region_at_fence,
+        aux_region_at_end: aux_region()?,
+    };
     let writes = workload.writes.lock().expect("lock").clone();
     let acked = workload.acked.lock().expect("lock").clone();
-    let violations = verify(seed, &writes, &acked, &report, &dr_volume);
+    let violations = verify(seed, &writes, &acked, &report, &observed);
     let acked_lost = report
         .lost
         .iter()
@@ -371,85 +381,123 @@ pub fn run_once(
     })
 }
 
+/// What was read from the DR's and the aux's files, right after the failover answered and again
+/// once every process was stopped.
+struct Observed {
+    dr_volume_at_promotion: Vec<u8>,
+    dr_volume_at_end: Vec<u8>,
+    aux_region_at_fence: Vec<u8>,
+    aux_region_at_end: Vec<u8>,
+}
+
+/// Marks the ops the frozen aux table records as replicated (for I2). Every entry of the old
+/// epoch must name an op the client sent, with the byte range it wrote.
+fn mark_replicated_on_aux(
+    ops: &mut [ordinal_sim::OpTruth],
+    aux_region: &[u8],
+    old_epoch: u32,
+) -> Vec<String> {
+    use ordinal_proto::aux::AUX_PRIMARY_AREA_OFFSET;
+    use ordinal_proto::primary::AUX_ENTRIES_OFFSET;
+    use ordinal_proto::wire::{AuxEntry, PrimaryStatus, AUX_ENTRY_BYTES};
+    let mut violations = Vec::new();
+    let first = AUX_PRIMARY_AREA_OFFSET + AUX_ENTRIES_OFFSET;
+    let entries = aux_region.get(first..).unwrap_or_default();
+    for (slot, bytes) in entries.chunks_exact(AUX_ENTRY_BYTES).enumerate() {
+        let entry = match AuxEntry::decode(bytes) {
+            Ok(Some(entry)) => entry,
+            Ok(None) => continue,
+            Err(error) => {
+                violations.push(format!("aux table slot {slot} does not decode: {error}"));
+                continue;
+            }
+        };
+        if entry.epoch != old_epoch {
+            continue;
+        }
+        let Some(op) = entry
+            .seq
+            .checked_sub(1)
+            .and_then(|index| ops.get_mut(index as usize))
+        else {
+            violations.push(format!(
+                "aux table names op {} that was never sent",
+                entry.seq
+            ));
+            continue;
+        };
+        if op.volume_offset != entry.volume_offset || op.data.len() != entry.len as usize {
+            violations.push(format!(
+                "aux table has op {} at {}+{}, but the client wrote {}+{}",
+                entry.seq,
+                entry.volume_offset,
+                entry.len,
+                op.volume_offset,
+                op.data.len()
+            ));
+        }
+        if entry.status == PrimaryStatus::Replicated {
+            op.aux_recorded_replicated = true;
+        }
+    }
+    violations
+}
+
+/// Checks the run with the simulator's invariant checker (I1-I6 and the loss report), fed with
+/// what an outside observer saw: the writes sent and which were acknowledged, the loss report,
+/// and the bytes of the DR volume and of the aux table.
 fn verify(
     seed: u64,
     writes: &[(u64, u64)],
     acked: &[bool],
     report: &LossSummary,
-    dr_volume: &[u8],
+    observed: &Observed,
 ) -> Vec<String> {
-    let mut violations = Vec::new();
-    let sent = writes.len() as u64;
-    if report.cut > sent {
-        violations.push(format!(
-            "report: cut {} is beyond the {sent} writes sent",
-            report.cut
-        ));
-        return violations;
-    }
-    for (index, entry) in report.lost.iter().enumerate() {
-        let expected_seq = report.cut + 1 + index as u64;
-        if entry.seq != expected_seq {
-            violations.push(format!(
-                "report: lost entry {index} is op {}, expected op {expected_seq}",
-                entry.seq
-            ));
-            break;
-        }
-        match entry
-            .seq
-            .checked_sub(1)
-            .and_then(|index| writes.get(index as usize))
-        {
-            Some(&(offset, len)) if offset == entry.volume_offset && len == entry.len => {}
-            Some(&(offset, len)) => violations.push(format!(
-                "report: lost op {} is at {}+{}, but the client wrote {offset}+{len}",
-                entry.seq, entry.volume_offset, entry.len
-            )),
-            None => violations.push(format!("report: lost op {} was never sent", entry.seq)),
-        }
-        if entry.reason == "checksum_mismatch" {
-            violations.push(format!(
-                "I3: op {} failed its checksum though nothing corrupted it",
-                entry.seq
-            ));
-        }
-    }
-    let lost_through = report.cut + report.lost.len() as u64;
-    for (index, &was_acked) in acked.iter().enumerate() {
-        let k = index as u64 + 1;
-        if was_acked && k > lost_through {
-            violations.push(format!(
-                "I4: acknowledged write {k} is neither applied (cut {}) nor reported lost",
-                report.cut
-            ));
-            break;
-        }
-        if was_acked && k > report.held_through {
-            violations.push(format!(
-                "I6: acknowledged write {k} is beyond the DR's held orders ({})",
-                report.held_through
-            ));
-            break;
-        }
-    }
-    let mut expected = vec![0u8; VOLUME_BYTES as usize];
-    for (index, &(offset, len)) in writes.iter().take(report.cut as usize).enumerate() {
-        let bytes = write_bytes(seed, index as u64 + 1, len as usize);
-        expected[offset as usize..(offset + len) as usize].copy_from_slice(&bytes);
-    }
-    if dr_volume.len() != expected.len() {
-        violations.push(format!(
-            "I1: DR volume is {} bytes, expected {}",
-            dr_volume.len(),
-            expected.len()
-        ));
-    } else if let Some(at) = dr_volume.iter().zip(&expected).position(|(a, b)| a != b) {
-        violations.push(format!(
-            "I1: DR volume differs from writes 1..={} applied in order, first at byte {at}",
-            report.cut
-        ));
-    }
+    let report = match report.to_report() {
+        Ok(report) => report,
+        Err(error) => return vec![error],
+    };
+    let mut ops: Vec<ordinal_sim::OpTruth> = writes
+        .iter()
+        .zip(acked)
+        .enumerate()
+        .map(|(index, (&(offset, len), &was_acked))| {
+            let seq = index as u64 + 1;
+            ordinal_sim::OpTruth {
+                seq,
+                volume_offset: offset,
+                data: write_bytes(seed, seq, len as usize),
+                // Only whether it was acknowledged matters to the checks, not when.
+                acked_at: was_acked.then_some(1),
+                // The primary runs `--on-link-loss block`: it never acknowledges degraded.
+                acked_degraded: false,
+                failed: false,
+                aux_recorded_replicated: false,
+                payload_landed: false,
+            }
+        })
+        .collect();
+    let mut violations =
+        mark_replicated_on_aux(&mut ops, &observed.aux_region_at_fence, report.old_epoch);
+    let initial_image = vec![0u8; VOLUME_BYTES as usize];
+    let verdict = ordinal_sim::check_history(&ordinal_sim::History {
+        initial_image: &initial_image,
+        ops: &ops,
+        report: Some(&report),
+        acks_wait_for_order: true,
+        volume_at_promotion: &observed.dr_volume_at_promotion,
+        volume_at_end: &observed.dr_volume_at_end,
+        // The old primary was killed before the failover: it acknowledged nothing after.
+        acked_after_promotion: &[],
+        aux_region_at_fence: Some(&observed.aux_region_at_fence),
+        aux_region_at_end: Some(&observed.aux_region_at_end),
+    });
+    violations.extend(
+        verdict
+            .violations
+            .iter()
+            .map(|violation| violation.to_string()),
+    );
     violations
 }
 
@@ -569,4 +617,146 @@ fn print_full(outcome: &RunOutcome, kill: &str) {
             "FAILED"
         }
     );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::report::LostEntry;
+    use ordinal_proto::aux::{aux_region_bytes, AUX_PRIMARY_AREA_OFFSET};
+    use ordinal_proto::primary::AUX_ENTRIES_OFFSET;
+    use ordinal_proto::wire::{AuxEntry, PrimaryStatus, AUX_ENTRY_BYTES};
+
+    const SEED: u64 = 7;
+    const SLOTS: u32 = 16;
+
+    /// Two 4 KiB writes, both acknowledged; the report says op 1 is applied and op 2 lost.
+    fn scenario() -> (Vec<(u64, u64)>, Vec<bool>, LossSummary, Observed) {
+        let writes = vec![(0, 4096), (8192, 4096)];
+        let report = LossSummary {
+            old_epoch: 1,
+            new_epoch: 2,
+            aux_table_read: true,
+            applied_before: 1,
+            cut: 1,
+            applied_from_ring: 0,
+            applied_landed: 0,
+            held_through: 2,
+            lost: vec![LostEntry {
+                seq: 2,
+                volume_offset: 8192,
+                len: 4096,
+                reason: "payload-not-replicated".into(),
+            }],
+        };
+        let mut volume = vec![0u8; VOLUME_BYTES as usize];
+        volume[..4096].copy_from_slice(&write_bytes(SEED, 1, 4096));
+        let aux = vec![0u8; aux_region_bytes(SLOTS)];
+        let observed = Observed {
+            dr_volume_at_promotion: volume.clone(),
+            dr_volume_at_end: volume,
+            aux_region_at_fence: aux.clone(),
+            aux_region_at_end: aux,
+        };
+        (writes, vec![true, true], report, observed)
+    }
+
+    fn record_on_aux(region: &mut [u8], seq: u64, volume_offset: u64, status: PrimaryStatus) {
+        let at = AUX_PRIMARY_AREA_OFFSET + AUX_ENTRIES_OFFSET + seq as usize * AUX_ENTRY_BYTES;
+        AuxEntry {
+            seq,
+            volume_offset,
+            epoch: 1,
+            len: 4096,
+            status,
+        }
+        .encode(&mut region[at..at + AUX_ENTRY_BYTES]);
+    }
+
+    /// The checker holds on an honest run and names each invariant a doctored run breaks.
+    #[test]
+    fn verify_finds_what_an_outside_observer_can_see() {
+        let (writes, acked, report, observed) = scenario();
+        assert_eq!(
+            verify(SEED, &writes, &acked, &report, &observed),
+            Vec::<String>::new()
+        );
+
+        let expect = |violations: Vec<String>, name: &str| {
+            assert!(
+                violations
+                    .iter()
+                    .any(|violation| violation.starts_with(name)),
+                "expected a {name} violation, got {violations:?}"
+            );
+        };
+        // The DR volume misses op 1: I1.
+        let (writes, acked, report, mut observed) = scenario();
+        observed.dr_volume_at_promotion[..4096].fill(0);
+        observed.dr_volume_at_end[..4096].fill(0);
+        expect(verify(SEED, &writes, &acked, &report, &observed), "I1");
+        // The aux recorded op 2 as replicated, yet it is beyond the cut: I2.
+        let (writes, acked, report, mut observed) = scenario();
+        record_on_aux(
+            &mut observed.aux_region_at_fence,
+            2,
+            8192,
+            PrimaryStatus::Replicated,
+        );
+        observed.aux_region_at_end = observed.aux_region_at_fence.clone();
+        expect(verify(SEED, &writes, &acked, &report, &observed), "I2");
+        // ...but "queued" is what it should say for a lost op, and that holds.
+        let (writes, acked, report, mut observed) = scenario();
+        record_on_aux(
+            &mut observed.aux_region_at_fence,
+            2,
+            8192,
+            PrimaryStatus::Queued,
+        );
+        observed.aux_region_at_end = observed.aux_region_at_fence.clone();
+        assert_eq!(
+            verify(SEED, &writes, &acked, &report, &observed),
+            Vec::<String>::new()
+        );
+        // The report forgets the acknowledged op 2: I4.
+        let (writes, acked, mut report, observed) = scenario();
+        report.lost.clear();
+        expect(verify(SEED, &writes, &acked, &report, &observed), "I4");
+        // The DR volume changed after promotion, or the aux table after the fence: I5.
+        let (writes, acked, report, mut observed) = scenario();
+        observed.dr_volume_at_end[100] ^= 1;
+        expect(verify(SEED, &writes, &acked, &report, &observed), "I5");
+        let (writes, acked, report, mut observed) = scenario();
+        record_on_aux(
+            &mut observed.aux_region_at_end,
+            2,
+            8192,
+            PrimaryStatus::Queued,
+        );
+        expect(verify(SEED, &writes, &acked, &report, &observed), "I5");
+        // Op 2 was acknowledged though the DR never held its order: I6.
+        let (writes, acked, mut report, observed) = scenario();
+        report.held_through = 1;
+        expect(verify(SEED, &writes, &acked, &report, &observed), "I6");
+        // The report lists op 2 with a range the client never wrote.
+        let (writes, acked, mut report, observed) = scenario();
+        report.lost[0].volume_offset = 4096;
+        expect(
+            verify(SEED, &writes, &acked, &report, &observed),
+            "loss report",
+        );
+        // The aux table names a range the client never wrote.
+        let (writes, acked, report, mut observed) = scenario();
+        record_on_aux(
+            &mut observed.aux_region_at_fence,
+            2,
+            4096,
+            PrimaryStatus::Queued,
+        );
+        observed.aux_region_at_end = observed.aux_region_at_fence.clone();
+        expect(
+            verify(SEED, &writes, &acked, &report, &observed),
+            "aux table",
+        );
+    }
 }

@@ -103,3 +103,40 @@ impl LossSummary {
         text
     }
 }
+
+impl LossSummary {
+    /// The report as the protocol's type, for the invariant checker.
+    pub fn to_report(&self) -> Result<ordinal_proto::dr::LossReport, String> {
+        use ordinal_proto::dr::{LossReason, LossReport, LostWrite};
+        let epoch = |value: u64, what: &str| {
+            u32::try_from(value).map_err(|_| format!("loss report: {what} {value} is not an epoch"))
+        };
+        let mut lost = Vec::with_capacity(self.lost.len());
+        for entry in &self.lost {
+            lost.push(LostWrite {
+                seq: entry.seq,
+                volume_offset: entry.volume_offset,
+                len: u32::try_from(entry.len).map_err(|_| {
+                    format!("loss report: op {} has length {}", entry.seq, entry.len)
+                })?,
+                reason: LossReason::from_name(&entry.reason).ok_or_else(|| {
+                    format!(
+                        "loss report: op {} has unknown reason {:?}",
+                        entry.seq, entry.reason
+                    )
+                })?,
+            });
+        }
+        Ok(LossReport {
+            old_epoch: epoch(self.old_epoch, "old_epoch")?,
+            new_epoch: epoch(self.new_epoch, "new_epoch")?,
+            aux_table_read: self.aux_table_read,
+            applied_before: self.applied_before,
+            cut: self.cut,
+            applied_from_ring: self.applied_from_ring,
+            applied_landed: self.applied_landed,
+            held_through: self.held_through,
+            lost,
+        })
+    }
+}

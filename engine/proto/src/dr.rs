@@ -172,6 +172,18 @@ impl LossReason {
             LossReason::OrderNotAtDr => "order-not-at-dr",
         }
     }
+
+    /// The reason [`LossReason::name`] names.
+    pub fn from_name(name: &str) -> Option<LossReason> {
+        [
+            LossReason::PayloadNotReplicated,
+            LossReason::ChecksumMismatch,
+            LossReason::AfterCut,
+            LossReason::OrderNotAtDr,
+        ]
+        .into_iter()
+        .find(|reason| reason.name() == name)
+    }
 }
 
 /// One write lost by the failover: its seq and byte range (I4).

@@ -14,7 +14,9 @@ use core::fmt;
 
 use ordinal_proto::Seq;
 
-use crate::world::{Phase, World};
+use ordinal_proto::dr::LossReport;
+
+use crate::world::{OpTruth, Phase, World};
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Violation {
@@ -78,46 +80,132 @@ impl Verdict {
     }
 }
 
+/// What the checker needs to know about one run, whoever observed it: the simulator's world, or
+/// a harness watching real processes from outside (what each client wrote and was told, the loss
+/// report, and the bytes of the DR volume and the aux table).
+#[derive(Clone, Copy, Debug)]
+pub struct History<'a> {
+    /// The DR volume before the first op.
+    pub initial_image: &'a [u8],
+    /// Every op the primary admitted, in seq order (op `k` at index `k - 1`).
+    pub ops: &'a [OpTruth],
+    /// The failover's loss report, if a failover happened.
+    pub report: Option<&'a LossReport>,
+    /// Whether acknowledgements (not degraded ones) wait for the DR to hold the order record
+    /// (`order-sync` and `sync`): then I6 bounds them by the report's `held_through`.
+    pub acks_wait_for_order: bool,
+    /// The DR volume when it was promoted, and at the end of the run (I1, I5).
+    pub volume_at_promotion: &'a [u8],
+    pub volume_at_end: &'a [u8],
+    /// Seqs the old primary acknowledged after the DR was promoted (I5).
+    pub acked_after_promotion: &'a [Seq],
+    /// The aux region when it was fenced, and at the end of the run (I5).
+    pub aux_region_at_fence: Option<&'a [u8]>,
+    pub aux_region_at_end: Option<&'a [u8]>,
+}
+
 /// The DR volume that applying ops `1..=cut` in order to the initial image gives.
-fn expected_image(world: &World, cut: Seq) -> Vec<u8> {
-    let mut image = world.initial_image.clone();
-    for op in &world.truth()[..cut as usize] {
+fn expected_image(history: &History<'_>, cut: Seq) -> Vec<u8> {
+    let mut image = history.initial_image.to_vec();
+    for op in &history.ops[..cut as usize] {
         let at = op.volume_offset as usize;
         image[at..at + op.data.len()].copy_from_slice(&op.data);
     }
     image
 }
 
-pub fn check(world: &World) -> Verdict {
-    let mut verdict = Verdict {
-        coverage: world.coverage,
-        violations: world.violations.clone(),
-        admitted: world.truth().len() as u64,
-        ..Verdict::default()
-    };
-    let Some(report) = world.report() else {
-        if world.phase() >= Phase::Promoted {
-            verdict.violations.push(Violation::Liveness(
-                "promoted without a failover report".into(),
-            ));
-        } else {
-            verdict.violations.push(Violation::Liveness(format!(
-                "no failover happened (phase {:?})",
-                world.phase()
-            )));
+/// The smallest prefix whose image is `volume`, to make an I1 failure readable. Each candidate
+/// costs a copy of the image, so big runs skip the search.
+fn matching_prefix(history: &History<'_>, volume: &[u8]) -> Option<Seq> {
+    const SEARCH_BYTES_MAX: usize = 1 << 30;
+    if history.ops.len().saturating_mul(volume.len()) > SEARCH_BYTES_MAX {
+        return None;
+    }
+    let mut image = history.initial_image.to_vec();
+    if image == volume {
+        return Some(0);
+    }
+    for op in history.ops {
+        let at = op.volume_offset as usize;
+        image[at..at + op.data.len()].copy_from_slice(&op.data);
+        if image == volume {
+            return Some(op.seq);
         }
-        return verdict;
-    };
-    if world.phase() < Phase::Promoted {
-        verdict.violations.push(Violation::Liveness(format!(
+    }
+    None
+}
+
+/// Checks a simulated run: the world's own in-flight findings, then [`check_history`].
+pub fn check(world: &World) -> Verdict {
+    let mut violations = world.violations.clone();
+    let promoted = world.phase() >= Phase::Promoted;
+    match (world.report(), promoted) {
+        (None, true) => violations.push(Violation::Liveness(
+            "promoted without a failover report".into(),
+        )),
+        (None, false) => violations.push(Violation::Liveness(format!(
+            "no failover happened (phase {:?})",
+            world.phase()
+        ))),
+        (Some(_), false) => violations.push(Violation::Liveness(format!(
             "failover computed but the DR was not promoted (phase {:?})",
             world.phase()
-        )));
+        ))),
+        (Some(_), true) => {}
     }
+    let mut verdict = match world.report() {
+        None => Verdict {
+            admitted: world.truth().len() as u64,
+            ..Verdict::default()
+        },
+        Some(report) => check_history(&History {
+            initial_image: &world.initial_image,
+            ops: world.truth(),
+            report: Some(report),
+            // The world also checks I6 at the moment of each ack, against what the DR held
+            // then; the bound by the report is the one an outside observer can check.
+            acks_wait_for_order: matches!(
+                world.params.mode,
+                ordinal_proto::Mode::OrderSync | ordinal_proto::Mode::Sync
+            ),
+            volume_at_promotion: world
+                .volume_at_promotion
+                .as_deref()
+                .unwrap_or(world.dr_volume()),
+            volume_at_end: world.dr_volume(),
+            acked_after_promotion: &world.acked_after_promotion,
+            aux_region_at_fence: world.aux_region_at_fence.as_deref(),
+            aux_region_at_end: world.aux_region_now(),
+        }),
+    };
+    violations.append(&mut verdict.violations);
+    verdict.violations = violations;
+    verdict.coverage = world.coverage;
+    verdict
+}
+
+/// Checks I1-I6 and the loss report on a history, classifying every acknowledged write as
+/// applied, reported lost or silently lost.
+pub fn check_history(history: &History<'_>) -> Verdict {
+    let mut verdict = Verdict {
+        admitted: history.ops.len() as u64,
+        ..Verdict::default()
+    };
+    debug_assert!(history
+        .ops
+        .iter()
+        .enumerate()
+        .all(|(index, op)| op.seq == index as Seq + 1));
+    let Some(report) = history.report else {
+        verdict
+            .violations
+            .push(Violation::Liveness("no failover happened".into()));
+        return verdict;
+    };
     let cut = report.cut;
     verdict.cut = cut;
     verdict.applied_from_ring = report.applied_from_ring;
-    let truth = world.truth();
+    let truth = history.ops;
 
     // I1: the DR volume is the initial image with ops 1..=cut applied in order, exactly.
     if cut > truth.len() as u64 {
@@ -127,19 +215,15 @@ pub fn check(world: &World) -> Verdict {
         )));
         return verdict;
     }
-    let volume = world
-        .volume_at_promotion
-        .as_deref()
-        .unwrap_or(world.dr_volume());
-    if volume != expected_image(world, cut) {
-        let expected = expected_image(world, cut);
+    let volume = history.volume_at_promotion;
+    let expected = expected_image(history, cut);
+    if volume != expected {
         let first = volume
             .iter()
             .zip(&expected)
             .position(|(a, b)| a != b)
             .unwrap_or(0);
-        // Name the prefix the volume does match, if any, to make the failure readable.
-        let matching = (0..=truth.len() as u64).find(|&k| expected_image(world, k) == volume);
+        let matching = matching_prefix(history, volume);
         verdict.violations.push(Violation::I1Prefix(format!(
             "DR volume differs from prefix {cut} at byte {first}; it matches prefix {matching:?}"
         )));
@@ -209,7 +293,7 @@ pub fn check(world: &World) -> Verdict {
 
     // I5: a write acknowledged by the old primary after promotion (a slow clock overran its
     // lease) must be one the failover knew of: a new write must never be acknowledged.
-    for &seq in &world.acked_after_promotion {
+    for &seq in history.acked_after_promotion {
         let accounted = seq <= cut
             || report
                 .lost
@@ -221,18 +305,31 @@ pub fn check(world: &World) -> Verdict {
     }
 
     // I5: after promotion nothing the old primary does reaches the DR volume or the aux table.
-    if let Some(at_promotion) = &world.volume_at_promotion {
-        if world.dr_volume() != &at_promotion[..] {
-            verdict.violations.push(Violation::I5Fencing(
-                "the DR volume changed after promotion".into(),
-            ));
-        }
+    if history.volume_at_end != history.volume_at_promotion {
+        verdict.violations.push(Violation::I5Fencing(
+            "the DR volume changed after promotion".into(),
+        ));
     }
-    if let (Some(at_fence), Some(now)) = (&world.aux_region_at_fence, world.aux_region_now()) {
-        if at_fence[..] != now[..] {
+    if let (Some(at_fence), Some(at_end)) = (history.aux_region_at_fence, history.aux_region_at_end)
+    {
+        if at_fence != at_end {
             verdict.violations.push(Violation::I5Fencing(
                 "the aux table changed after it was fenced".into(),
             ));
+        }
+    }
+
+    // I6, seen after the fact: an acknowledged write's order record was held by the DR, so it
+    // is within what the DR's log held at failover.
+    if history.acks_wait_for_order {
+        if let Some(op) = truth
+            .iter()
+            .find(|op| op.acked_at.is_some() && !op.acked_degraded && op.seq > report.held_through)
+        {
+            verdict.violations.push(Violation::I6SyncOrder(format!(
+                "seq {} was acknowledged but the DR held order records only through {}",
+                op.seq, report.held_through
+            )));
         }
     }
     verdict

@@ -19,7 +19,7 @@ pub mod rng;
 pub mod soak;
 pub mod world;
 
-pub use checker::{Verdict, Violation};
+pub use checker::{check_history, History, Verdict, Violation};
 pub use params::{Fault, Params, PrimaryEnd};
 pub use soak::{replay_seed, run_seed, soak, SoakSummary};
-pub use world::{Coverage, Path, Phase, World};
+pub use world::{Coverage, OpTruth, Path, Phase, World};
