@@ -7,8 +7,9 @@
 use std::io::Write;
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
 
+mod config;
 mod demo;
 mod node;
 mod report;
@@ -45,7 +46,14 @@ enum Command {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let args = match config::expand(std::env::args_os().collect(), &Cli::command()) {
+        Ok(args) => args,
+        Err(error) => {
+            let _ = writeln!(std::io::stderr(), "ordinal: {error}");
+            return ExitCode::from(2);
+        }
+    };
+    let cli = Cli::parse_from(args);
     let result = match cli.command {
         Command::Sim(args) => sim::run(args),
         Command::Primary(args) => node::primary(args),

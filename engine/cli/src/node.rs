@@ -14,6 +14,9 @@ use ordinal_runtime::primary::{run_primary, PrimaryOptions};
 /// Settings every node of one replicated volume must share.
 #[derive(Args, Debug, Clone)]
 pub struct Shared {
+    /// Read settings from this TOML file (keys are these flags' names; flags given here win).
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
     /// File holding the pre-shared key of this replication group (at least 16 bytes).
     #[arg(long)]
     pub psk_file: PathBuf,
@@ -127,6 +130,9 @@ pub struct AuxArgs {
 
 #[derive(Args, Debug)]
 pub struct FailoverArgs {
+    /// Read settings from this TOML file (keys are these flags' names; flags given here win).
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
     /// Address of the DR daemon.
     #[arg(long, default_value = "127.0.0.1:7420")]
     pub dr: SocketAddr,
@@ -146,6 +152,9 @@ pub struct FailoverArgs {
 
 #[derive(Args, Debug)]
 pub struct StatusArgs {
+    /// Read settings from this TOML file (keys are these flags' names; flags given here win).
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
     /// Address of any ordinal daemon.
     #[arg(long, default_value = "127.0.0.1:7420")]
     pub node: SocketAddr,

@@ -55,3 +55,65 @@ fn bad_arguments_are_refused_clearly() {
     assert_eq!(code, 0);
     assert!(stdout.contains("sim"), "{stdout}");
 }
+
+/// A config file's settings reach the command (here the key file and the node address of
+/// `status`), the command line wins over it, and a typo in it is refused by name.
+#[test]
+fn a_config_file_gives_flags_and_its_typos_are_named() {
+    let dir = std::env::temp_dir().join(format!("ordinal-cli-config-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    let psk = dir.join("psk");
+    std::fs::write(&psk, "0123456789abcdef0123456789abcdef").expect("psk");
+    // A port nothing listens on: bind, read the port, close.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|listener| listener.local_addr())
+        .expect("free port")
+        .port();
+    let config = dir.join("ordinal.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "psk-file = '{}'\n[status]\nnode = '127.0.0.1:{port}'\n",
+            psk.display()
+        ),
+    )
+    .expect("config");
+    let config = config.to_string_lossy().into_owned();
+
+    // Without the file, --psk-file is missing; with it, status gets as far as connecting.
+    let (code, _, stderr) = ordinal(&["status"]);
+    assert_eq!(code, 2);
+    assert!(stderr.contains("--psk-file"), "{stderr}");
+    let (code, _, stderr) = ordinal(&["status", "--config", &config]);
+    assert_ne!(code, 0);
+    assert!(stderr.contains(&format!("127.0.0.1:{port}")), "{stderr}");
+    // The command line wins.
+    let (code, _, stderr) = ordinal(&["status", "--config", &config, "--node", "127.0.0.1:9"]);
+    assert_ne!(code, 0);
+    assert!(stderr.contains("127.0.0.1:9"), "{stderr}");
+    assert!(!stderr.contains(&format!("127.0.0.1:{port}")), "{stderr}");
+
+    let typo = dir.join("typo.toml");
+    std::fs::write(&typo, "[aux]\nheartbeat-timeout = 500\n").expect("config");
+    let (code, _, stderr) = ordinal(&["aux", "--config", &typo.to_string_lossy()]);
+    assert_eq!(code, 2);
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    assert!(
+        stderr.contains("[aux] has no setting `heartbeat-timeout`"),
+        "{stderr}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// The example config in tools/ names only settings the commands have.
+#[test]
+fn the_example_config_is_accepted_by_every_command() {
+    let example = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../tools/ordinal.example.toml"
+    );
+    for command in ["primary", "dr", "aux", "failover", "status"] {
+        let (code, _, stderr) = ordinal(&[command, "--config", example, "--help"]);
+        assert_eq!(code, 0, "{command}: {stderr}");
+    }
+}
