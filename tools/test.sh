@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Every test: unit tests, decoder tests, scenario tests, the 10,000-seed simulator soak and the
 # mutation tests (cargo test), then a release soak of 200,000 more seeds through `ordinal sim`,
-# the command users run. Installs what a fresh machine lacks first. Ends with one line that
+# the command users run, and a short run of the loopback benchmark. Installs what a fresh machine lacks first. Ends with one line that
 # totals what cargo test ran.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -12,4 +12,6 @@ trap 'rm -f "$log"' EXIT
 cargo test --workspace --locked 2>&1 | tee "$log"
 cargo build --release --locked -p ordinal
 ./target/release/ordinal sim --first 1000000 --seeds 200000
+# The loopback benchmark, briefly: it must run end to end (figures printed, no write failing).
+cargo bench --locked -p ordinal-bench --bench loopback -- --samples 300 --seconds 1
 awk '/^test result:/ { passed += $4; failed += $6 } END { printf "tests: %d passed, %d failed\n", passed, failed }' "$log"

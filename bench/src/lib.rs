@@ -3,3 +3,4 @@
 //! them is a timed test.
 
 pub mod core_loop;
+pub mod loopback;

@@ -40,7 +40,7 @@ pub const ACCESS_REMOTE_READ: u32 = 2;
 /// Largest payload of one frame: the largest write the engine replicates plus room, so that a
 /// peer cannot make us buffer more than this for one request.
 pub const FRAME_PAYLOAD_BYTES_MAX: usize = 4 << 20;
-const FRAME_HEADER_BYTES: usize = 32;
+pub const FRAME_HEADER_BYTES: usize = 32;
 const FRAME_MAGIC: u32 = u32::from_le_bytes(*b"ORDT");
 
 /// Work requests posted and not yet completed on one queue pair. The protocol's own limits
@@ -646,7 +646,11 @@ async fn reader_task(state: Rc<QpState>, mut reader: futures_lite::io::ReadHalf<
         buffer.copy_within(at..filled, 0);
         filled -= at;
         if handled_requests && !state.down.get() {
-            // One cumulative ACK per burst, as a NIC coalesces its ACKs.
+            // One cumulative ACK per burst, as a NIC coalesces its ACKs. Let the role's loop
+            // run first: what it answers (an order's acknowledgement) is queued before the
+            // writer runs, and the ACK travels in the same send instead of costing the peer a
+            // wake-up of its own.
+            futures_lite::future::yield_now().await;
             let mut out = state.out.borrow_mut();
             FrameHeader {
                 kind: FrameKind::Ack,

@@ -1,0 +1,122 @@
+//! `cargo bench -p ordinal-bench --bench loopback [-- OPTIONS]`: a whole system on loopback TCP
+//! against a raw TCP ping-pong of the order record's frame, measured in the same run.
+//!
+//! Options: `--mode order-sync|sync|async`, `--write-bytes N` (4096), `--samples N` (5000, one
+//! write at a time), `--queue-depth N` (32), `--seconds S` (5, throughput phase), `--dir D`
+//! (/dev/shm: tmpfs, so the local write is not a disk). `ORDINAL_SPIN_US=N` makes every executor
+//! of the run, the baseline's too, spin N µs before it parks.
+
+use std::time::Duration;
+
+use hdrhistogram::Histogram;
+use ordinal_bench::loopback::{run, LoopbackConfig, ORDER_FRAME_BYTES};
+use ordinal_proto::Mode;
+
+fn us(histogram: &Histogram<u64>, quantile: f64) -> f64 {
+    histogram.value_at_quantile(quantile) as f64 / 1000.0
+}
+
+fn line(what: &str, histogram: &Histogram<u64>) -> String {
+    format!(
+        "{what:<44} p50 {:>8.1} us  p99 {:>8.1} us  p99.9 {:>8.1} us  ({} samples)",
+        us(histogram, 0.5),
+        us(histogram, 0.99),
+        us(histogram, 0.999),
+        histogram.len()
+    )
+}
+
+fn parse() -> Result<LoopbackConfig, String> {
+    let mut config = LoopbackConfig {
+        dir: std::path::PathBuf::from("/dev/shm"),
+        mode: Mode::OrderSync,
+        write_bytes: 4096,
+        latency_samples: 5000,
+        queue_depth: 32,
+        throughput_time: Duration::from_secs(5),
+    };
+    let mut args = std::env::args().skip(1);
+    while let Some(flag) = args.next() {
+        if flag == "--bench" {
+            continue;
+        }
+        let value = args.next().ok_or_else(|| format!("{flag} needs a value"))?;
+        let number = || {
+            value
+                .parse::<u64>()
+                .map_err(|_| format!("{flag}: {value:?} is not a number"))
+        };
+        match flag.as_str() {
+            "--mode" => {
+                config.mode =
+                    Mode::parse(&value).ok_or_else(|| format!("unknown mode {value:?}"))?
+            }
+            "--write-bytes" => config.write_bytes = number()? as usize,
+            "--samples" => config.latency_samples = number()?.max(1),
+            "--queue-depth" => config.queue_depth = number()?.max(1) as usize,
+            "--seconds" => config.throughput_time = Duration::from_secs(number()?.max(1)),
+            "--dir" => config.dir = value.into(),
+            other => return Err(format!("unknown option {other}")),
+        }
+    }
+    if config.write_bytes == 0 || config.write_bytes % 4096 != 0 || config.write_bytes > 1 << 20 {
+        return Err("--write-bytes must be a multiple of 4096, at most 1 MiB".into());
+    }
+    config.dir = config
+        .dir
+        .join(format!("ordinal-loopback-{}", std::process::id()));
+    Ok(config)
+}
+
+fn main() {
+    let config = match parse() {
+        Ok(config) => config,
+        Err(error) => {
+            eprintln!("loopback bench: {error}");
+            std::process::exit(2);
+        }
+    };
+    println!(
+        "loopback: aux, DR and primary on 127.0.0.1 (one glommio executor each), {} mode, {}-byte writes, volumes under {}",
+        config.mode.name(),
+        config.write_bytes,
+        config.dir.parent().unwrap_or(&config.dir).display()
+    );
+    let report = match run(&config) {
+        Ok(report) => report,
+        Err(error) => {
+            eprintln!("loopback bench: {error}");
+            std::process::exit(1);
+        }
+    };
+    let pingpong_what = format!("raw TCP ping-pong, {ORDER_FRAME_BYTES} B each way");
+    println!("{}", line(&pingpong_what, &report.pingpong_ns));
+    println!(
+        "{}",
+        line("write-ack, one write at a time", &report.write_ack_ns)
+    );
+    let ratio = |quantile| us(&report.write_ack_ns, quantile) / us(&report.pingpong_ns, quantile);
+    println!(
+        "write-ack / ping-pong: p50 {:.2}x  p99 {:.2}x  (target for order-sync: <= 1.30x)",
+        ratio(0.5),
+        ratio(0.99)
+    );
+    let seconds = report.throughput_elapsed.as_secs_f64();
+    println!(
+        "throughput at queue depth {}: {:.0} writes/s, {:.1} MB/s over {:.1} s",
+        config.queue_depth,
+        report.throughput_writes as f64 / seconds,
+        report.throughput_writes as f64 * config.write_bytes as f64 / seconds / 1e6,
+        seconds
+    );
+    println!(
+        "{}",
+        line("write-ack under that load", &report.throughput_ack_ns)
+    );
+    if report.failed_writes > 0 {
+        println!("{} write(s) failed (see above)", report.failed_writes);
+        std::process::exit(1);
+    }
+    // The daemons' executors never return; the figures are out, so end the process.
+    std::process::exit(0);
+}

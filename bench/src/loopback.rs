@@ -1,0 +1,326 @@
+//! A whole primary/DR/aux system on loopback TCP, in one process (one glommio executor per role,
+//! each on its own thread, as the daemons run), driven through the embeddable API
+//! (`PrimaryHandle`), against a raw TCP ping-pong measured in the same run.
+//!
+//! What it answers: how much does ordinal add to the one network round trip that `order-sync`
+//! must wait for? An acknowledgement in `order-sync` needs the order record to be held by the DR
+//! (one SEND and its answer) and the local write to be done; the payload goes on asynchronously.
+//! So the baseline is a ping-pong of exactly the order record's frame, over the same kind of
+//! socket (glommio, `TCP_NODELAY`), between two executors on two threads.
+//!
+//! The volumes live on `/dev/shm` by default (tmpfs takes `O_DIRECT` on this kernel), so the
+//! local write costs a memory copy, not a disk: what is measured is replication, not the disk.
+//! Give `--dir` on a real file system to include the disk.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::rc::Rc;
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use futures_lite::{AsyncReadExt, AsyncWriteExt};
+use hdrhistogram::Histogram;
+use ordinal_proto::wire::{MESSAGE_HEADER_BYTES, ORDER_RECORD_BYTES};
+use ordinal_proto::{Geometry, LinkLossPolicy, Mode};
+use ordinal_runtime::aux::{run_aux, AuxOptions};
+use ordinal_runtime::dr::{run_dr, DrOptions};
+use ordinal_runtime::primary::{run_primary, PrimaryHandle, PrimaryOptions, WriteOutcome};
+
+/// Bytes of one order record on the wire: the transport's frame header, the message header
+/// and one record. The ping-pong baseline sends exactly this many bytes each way.
+pub const ORDER_FRAME_BYTES: usize =
+    ordinal_runtime::transport::FRAME_HEADER_BYTES + MESSAGE_HEADER_BYTES + ORDER_RECORD_BYTES;
+
+const VOLUME_BYTES: u64 = 256 << 20;
+
+#[derive(Clone, Debug)]
+pub struct LoopbackConfig {
+    /// Where the volumes and state files go (a fresh subdirectory is made and removed).
+    pub dir: PathBuf,
+    pub mode: Mode,
+    pub write_bytes: usize,
+    /// Writes (and ping-pong rounds) measured one at a time, after as many unmeasured ones.
+    pub latency_samples: u64,
+    /// Writes in flight in the throughput phase.
+    pub queue_depth: usize,
+    pub throughput_time: Duration,
+}
+
+/// What one run measured. Latencies are in nanoseconds.
+#[derive(Debug)]
+pub struct LoopbackReport {
+    pub pingpong_ns: Histogram<u64>,
+    pub write_ack_ns: Histogram<u64>,
+    pub throughput_ack_ns: Histogram<u64>,
+    pub throughput_writes: u64,
+    pub throughput_elapsed: Duration,
+    pub failed_writes: u64,
+}
+
+fn histogram() -> Histogram<u64> {
+    Histogram::new_with_bounds(1, 60_000_000_000, 3).expect("valid bounds")
+}
+
+fn free_port() -> Result<SocketAddr, String> {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|listener| listener.local_addr())
+        .map_err(|error| format!("no free loopback port: {error}"))
+}
+
+fn executor_thread<F, Fut>(name: &str, body: F) -> Result<std::thread::JoinHandle<()>, String>
+where
+    F: FnOnce() -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = Result<(), String>> + 'static,
+{
+    let name = name.to_string();
+    std::thread::Builder::new()
+        .name(name.clone())
+        .spawn(move || {
+            let mut builder =
+                glommio::LocalExecutorBuilder::new(glommio::Placement::Unbound).name(&name);
+            if let Some(spin) = std::env::var("ORDINAL_SPIN_US")
+                .ok()
+                .and_then(|v| v.parse().ok())
+            {
+                builder = builder.spin_before_park(Duration::from_micros(spin));
+            }
+            let executor = builder.make().expect("io_uring executor");
+            if let Err(error) = executor.run(body()) {
+                eprintln!("loopback bench: {name} stopped: {error}");
+            }
+        })
+        .map_err(|error| error.to_string())
+}
+
+/// A raw TCP ping-pong of `message_bytes` each way between two executors on two threads.
+pub fn pingpong(message_bytes: usize, rounds: u64) -> Result<Histogram<u64>, String> {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").map_err(|error| error.to_string())?;
+    let addr = listener.local_addr().map_err(|error| error.to_string())?;
+    drop(listener);
+    let (bound_tx, bound_rx) = mpsc::channel();
+    let server = executor_thread("pingpong-server", move || async move {
+        let listener = glommio::net::TcpListener::bind(addr).map_err(|error| error.to_string())?;
+        let _ = bound_tx.send(());
+        let mut stream = listener.accept().await.map_err(|error| error.to_string())?;
+        stream
+            .set_nodelay(true)
+            .map_err(|error| error.to_string())?;
+        let mut message = vec![0u8; message_bytes];
+        while stream.read_exact(&mut message).await.is_ok() {
+            stream
+                .write_all(&message)
+                .await
+                .map_err(|error| error.to_string())?;
+        }
+        Ok(())
+    })?;
+    bound_rx
+        .recv_timeout(Duration::from_secs(10))
+        .map_err(|_| "ping-pong server did not start".to_string())?;
+    let (result_tx, result_rx) = mpsc::channel();
+    let client = executor_thread("pingpong-client", move || async move {
+        let mut stream = glommio::net::TcpStream::connect(addr)
+            .await
+            .map_err(|error| error.to_string())?;
+        stream
+            .set_nodelay(true)
+            .map_err(|error| error.to_string())?;
+        let mut message = vec![0x5au8; message_bytes];
+        let mut latencies = histogram();
+        for round in 0..2 * rounds {
+            let started = Instant::now();
+            stream
+                .write_all(&message)
+                .await
+                .map_err(|error| error.to_string())?;
+            stream
+                .read_exact(&mut message)
+                .await
+                .map_err(|error| error.to_string())?;
+            if round >= rounds {
+                latencies.record(started.elapsed().as_nanos() as u64).ok();
+            }
+        }
+        let _ = result_tx.send(latencies);
+        Ok(())
+    })?;
+    let latencies = result_rx
+        .recv_timeout(Duration::from_secs(600))
+        .map_err(|_| "ping-pong did not finish".to_string())?;
+    let _ = client.join();
+    let _ = server.join();
+    Ok(latencies)
+}
+
+fn make_volume(path: &Path) -> Result<(), String> {
+    let file = std::fs::File::create(path)
+        .map_err(|error| format!("cannot create {}: {error}", path.display()))?;
+    file.set_len(VOLUME_BYTES)
+        .map_err(|error| format!("cannot size {}: {error}", path.display()))
+}
+
+/// Starts aux and DR on their own threads and the primary on a third, and runs `workload` on
+/// the primary's executor once it is ready. Returns what the workload sends back; the daemons
+/// keep running until the process exits.
+fn with_system<T, W, Fut>(config: &LoopbackConfig, workload: W) -> Result<T, String>
+where
+    T: Send + 'static,
+    W: FnOnce(PrimaryHandle) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = T> + 'static,
+{
+    let dir = &config.dir;
+    std::fs::create_dir_all(dir)
+        .map_err(|error| format!("cannot create {}: {error}", dir.display()))?;
+    make_volume(&dir.join("primary.vol"))?;
+    make_volume(&dir.join("dr.vol"))?;
+    let psk = b"loopback-benchmark-key-0123456789".to_vec();
+    let geometry = Geometry {
+        volume_bytes: VOLUME_BYTES,
+        sector_bytes: 4096,
+        ring_bytes: 64 << 20,
+        table_slots: 4096,
+        payload_bytes_max: 1 << 20,
+    };
+    let (aux_addr, dr_addr, primary_addr) = (free_port()?, free_port()?, free_port()?);
+    let aux = AuxOptions {
+        listen: aux_addr,
+        state_dir: dir.join("aux-state"),
+        psk: psk.clone(),
+        geometry,
+        epoch: 1,
+        heartbeat_timeout: Duration::from_secs(1),
+    };
+    executor_thread("ordinal-aux", move || run_aux(aux))?;
+    let dr = DrOptions {
+        listen: dr_addr,
+        state_dir: dir.join("dr-state"),
+        volume: dir.join("dr.vol"),
+        psk: psk.clone(),
+        geometry,
+        epoch: 1,
+        aux: Some(aux_addr),
+        auto_failover: false,
+        applies_inflight_max: 16,
+    };
+    executor_thread("ordinal-dr", move || run_dr(dr))?;
+    let primary = PrimaryOptions {
+        listen: primary_addr,
+        volume: dir.join("primary.vol"),
+        psk,
+        geometry,
+        mode: config.mode,
+        link_loss_policy: LinkLossPolicy::Block,
+        epoch: 1,
+        dr: dr_addr,
+        aux: aux_addr,
+        heartbeat_interval: Duration::from_millis(20),
+        lease: Duration::from_millis(400),
+        local_writes_inflight_max: 64,
+    };
+    let (result_tx, result_rx) = mpsc::channel();
+    executor_thread("ordinal-primary", move || {
+        run_primary(primary, move |handle| {
+            glommio::spawn_local(async move {
+                let _ = result_tx.send(workload(handle).await);
+            })
+            .detach();
+        })
+    })?;
+    result_rx
+        .recv_timeout(Duration::from_secs(900))
+        .map_err(|_| "the workload did not finish (see the messages above)".to_string())
+}
+
+/// A deterministic spread of aligned offsets over the volume.
+fn offset_of(index: u64, write_bytes: usize) -> u64 {
+    let slots = VOLUME_BYTES / write_bytes as u64;
+    (index.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 11) % slots * write_bytes as u64
+}
+
+async fn measure(handle: PrimaryHandle, config: LoopbackConfig) -> Result<LoopbackReport, String> {
+    let bytes = config.write_bytes;
+    let mut failed = 0u64;
+    // Warm-up (connections, page faults, ring laps), then one write at a time.
+    let mut write_ack_ns = histogram();
+    for index in 0..2 * config.latency_samples {
+        let started = Instant::now();
+        match handle
+            .write(offset_of(index, bytes), vec![index as u8; bytes])
+            .await
+        {
+            WriteOutcome::Acked { .. } => {}
+            WriteOutcome::Failed(why) => {
+                failed += 1;
+                if failed == 1 {
+                    eprintln!("loopback bench: a write failed: {why}");
+                }
+            }
+        }
+        if index >= config.latency_samples {
+            write_ack_ns
+                .record(started.elapsed().as_nanos() as u64)
+                .ok();
+        }
+    }
+    // Throughput: `queue_depth` writers, each one write at a time, for the given time.
+    let throughput_ack_ns = Rc::new(std::cell::RefCell::new(histogram()));
+    let writes = Rc::new(std::cell::Cell::new(0u64));
+    let failures = Rc::new(std::cell::Cell::new(0u64));
+    let started = Instant::now();
+    let deadline = started + config.throughput_time;
+    let mut writers = Vec::new();
+    for writer in 0..config.queue_depth as u64 {
+        let (handle, latencies, writes, failures) = (
+            handle.clone(),
+            throughput_ack_ns.clone(),
+            writes.clone(),
+            failures.clone(),
+        );
+        writers.push(glommio::spawn_local(async move {
+            let mut index = writer << 40;
+            while Instant::now() < deadline {
+                let began = Instant::now();
+                let outcome = handle
+                    .write(offset_of(index, bytes), vec![index as u8; bytes])
+                    .await;
+                index += 1;
+                if let WriteOutcome::Failed(_) = outcome {
+                    failures.set(failures.get() + 1);
+                    continue;
+                }
+                writes.set(writes.get() + 1);
+                latencies
+                    .borrow_mut()
+                    .record(began.elapsed().as_nanos() as u64)
+                    .ok();
+            }
+        }));
+    }
+    for writer in writers {
+        writer.await;
+    }
+    let throughput_elapsed = started.elapsed();
+    let throughput_ack_ns = throughput_ack_ns.borrow().clone();
+    Ok(LoopbackReport {
+        pingpong_ns: histogram(),
+        write_ack_ns,
+        throughput_ack_ns,
+        throughput_writes: writes.get(),
+        throughput_elapsed,
+        failed_writes: failed + failures.get(),
+    })
+}
+
+/// Ping-pong, then the system, then ping-pong again (with the system idle): both baselines go
+/// into one histogram, so a drift of the machine during the run shows in neither side alone.
+pub fn run(config: &LoopbackConfig) -> Result<LoopbackReport, String> {
+    let mut pingpong_ns = pingpong(ORDER_FRAME_BYTES, config.latency_samples)?;
+    let workload_config = config.clone();
+    let mut report = with_system(config, move |handle| measure(handle, workload_config))??;
+    pingpong_ns
+        .add(pingpong(ORDER_FRAME_BYTES, config.latency_samples)?)
+        .map_err(|error| error.to_string())?;
+    report.pingpong_ns = pingpong_ns;
+    let _ = std::fs::remove_dir_all(&config.dir);
+    Ok(report)
+}
