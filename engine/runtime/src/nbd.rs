@@ -93,14 +93,15 @@ async fn serve_client(stream: TcpStream, handle: PrimaryHandle) {
                         .consume_output(chunk.len());
                 }
                 None => {
-                    let session = writer_connection.session.borrow();
-                    let done = session.is_closed() || writer_connection.closing.get();
-                    if done && session.pending_requests() == 0 {
-                        drop(session);
+                    let finished = {
+                        let session = writer_connection.session.borrow();
+                        let done = session.is_closed() || writer_connection.closing.get();
+                        done && session.pending_requests() == 0
+                    };
+                    if finished {
                         let _ = writer.close().await;
                         return;
                     }
-                    drop(session);
                     if wakeups.recv().await.is_none() {
                         return;
                     }
