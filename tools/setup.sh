@@ -6,9 +6,10 @@ set -euo pipefail
 
 say() { printf 'setup: %s\n' "$*"; }
 
-# Debian packages the build needs. None yet: the protocol core, simulator and CLI are pure Rust.
-# (The RDMA backend will add libibverbs-dev librdmacm-dev libclang-dev pkg-config here.)
-debian_packages=()
+# Debian packages the build needs: the RDMA wrapper (hw/, through rdma-sys) generates its bindings
+# from libibverbs' headers with bindgen (libclang) and finds them with pkg-config. The rest of the
+# workspace is pure Rust.
+debian_packages=(libibverbs-dev librdmacm-dev libclang-dev pkg-config)
 
 missing=()
 for package in "${debian_packages[@]}"; do
