@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Every test: unit tests, decoder tests, scenario tests, the 10,000-seed simulator soak and the
 # mutation tests (cargo test), then a release soak of 200,000 more seeds through `ordinal sim`,
-# the command users run, and a short run of the loopback benchmark. Installs what a fresh machine lacks first. Ends with one line that
-# totals what cargo test ran.
+# the command users run, a short run of the loopback benchmark, and the RDMA suite in a
+# soft-RoCE guest (tools/guest/suite.sh). Installs what a fresh machine lacks first. Ends with
+# one line that totals what cargo test ran.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source tools/setup.sh
@@ -14,4 +15,6 @@ cargo build --release --locked -p ordinal
 ./target/release/ordinal sim --first 1000000 --seeds 200000
 # The loopback benchmark, briefly: it must run end to end (figures printed, no write failing).
 cargo bench --locked -p ordinal-bench --bench loopback -- --samples 300 --seconds 1
+# Real RDMA: the verbs tests and perftest in a soft-RoCE guest (skipped loudly where QEMU cannot run).
+tools/guest/suite.sh
 awk '/^test result:/ { passed += $4; failed += $6 } END { printf "tests: %d passed, %d failed\n", passed, failed }' "$log"

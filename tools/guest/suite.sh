@@ -1,0 +1,75 @@
+#!/usr/bin/env bash
+# The RDMA test suite on real soft-RoCE: builds the verbs tests on the host, boots one guest
+# (tools/guest/run.sh) and runs inside it, over rxe0:
+#   - the hardware tests of hw/ (every verb ordinal uses, remote-access errors, flushes after a
+#     queue-pair error, dead peers within the stated bound);
+#   - perftest's ib_send_lat and ib_write_bw on the same device, as the reference figures.
+#
+#   tools/guest/suite.sh            (tools/test.sh runs it; exit status 0 if all passed)
+#
+# If the machine cannot run the guest (no QEMU, no image), it says so loudly and exits 0 with
+# ORDINAL_GUEST_REQUIRED unset, 1 with it set: a skipped suite must never look like a pass.
+set -euo pipefail
+prog=suite.sh
+. "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
+repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
+cd "$repo"
+
+skip() {
+  printf '\n%s\n' "################################################################################"
+  printf 'guest suite SKIPPED: %s\n' "$*"
+  printf '%s\n\n' "################################################################################"
+  if [ -n "${ORDINAL_GUEST_REQUIRED:-}" ]; then exit 1; fi
+  exit 0
+}
+
+if ! tools/guest/setup.sh; then
+  skip "the soft-RoCE guest cannot be prepared on this machine (see the messages above)"
+fi
+
+# Build the verbs test binaries on the host; cargo names each executable on stderr.
+build_log=$(mktemp)
+trap 'rm -f "$build_log"' EXIT
+cargo test --locked -p ordinal-hw --no-run 2>&1 | tee "$build_log"
+hw_tests=$(sed -n 's/.*Executable tests\/verbs.rs (\(.*\))$/\1/p' "$build_log" | tail -n 1)
+[ -n "$hw_tests" ] || die "cannot find the hw verbs test binary in cargo's output"
+
+# Inside the guest: the hardware tests, then perftest as the device's reference figures. The
+# perftest server runs in the background and the client talks to the guest's own address.
+guest_script='
+set -e
+ibv_devinfo -d rxe0 | grep -q PORT_ACTIVE || { echo "rxe0 is not PORT_ACTIVE"; exit 10; }
+echo "== hw: verbs hardware tests on rxe0"
+ORDINAL_RDMA_DEVICE=rxe0 ./'"$hw_tests"' --test-threads=1 || exit 11
+perf() {
+  b=$1; shift
+  $b -d rxe0 -x "$ORDINAL_GUEST_GID_INDEX" -F "$@" >/tmp/server.log 2>&1 &
+  server=$!
+  n=0
+  until netstat -ltn | grep -q ":18515 "; do
+    n=$((n + 1)); [ $n -le 100 ] || { echo "$b server never listened"; cat /tmp/server.log; return 1; }
+    sleep 0.1
+  done
+  $b -d rxe0 -x "$ORDINAL_GUEST_GID_INDEX" -F "$@" "$ORDINAL_GUEST_IP" || return 1
+  wait $server
+}
+echo "== perftest: ib_send_lat (half a round trip) and ib_write_bw on rxe0"
+perf ib_send_lat -n 2000 || exit 12
+perf ib_write_bw -n 2000 || exit 13
+echo "== guest suite passed"
+'
+started=$(now_us)
+guest_log=$(mktemp)
+trap 'rm -f "$build_log" "$guest_log"' EXIT
+tools/guest/run.sh --timeout 600 --mem 1G -- "$guest_script" 2>&1 | tee "$guest_log" && rc=0 || rc=${PIPESTATUS[0]}
+# perftest's result rows: latency "2 iterations t_min t_max t_typical t_avg ..."; bandwidth
+# "65536 iterations BW_peak BW_average MsgRate" (MB/s).
+tr -d '\r' <"$guest_log" | awk '
+  $1 == 2 && NF >= 6 && $3 ~ /^[0-9.]+$/ { printf "guest suite: ib_send_lat 2 B: typical %s us, avg %s us (half a round trip)\n", $5, $6 }
+  $1 == 65536 && NF >= 5 && $4 ~ /^[0-9.]+$/ { printf "guest suite: ib_write_bw 64 KiB: %s MB/s average\n", $4 }
+  /^test result:/ { print "guest suite: hw verbs tests: " $0 }'
+case $rc in
+  0) printf 'guest suite: passed in %s s\n' "$(secs "$started" "$(now_us)")" ;;
+  125) skip "the guest did not reach its command (QEMU could not run it here)" ;;
+  *) printf 'guest suite: FAILED (exit %s)\n' "$rc" >&2; exit 1 ;;
+esac
