@@ -260,3 +260,34 @@ guests_cleanup() {
   done
   return 0
 }
+
+# Shell functions for the guests (busybox sh). GID is the RoCE v2 GID index /init found.
+guest_lib='
+pt() { "$@" -d rxe0 -x "$ORDINAL_GUEST_GID_INDEX" -F; }
+# serve_and_run TEST ARGS: server in the background, client here against our own address.
+serve_and_run() {
+  b=$1; shift
+  $b -d rxe0 -x "$ORDINAL_GUEST_GID_INDEX" -F "$@" >/tmp/server.log 2>&1 &
+  server=$!
+  n=0
+  until netstat -ltn | grep -q ":18515 "; do
+    n=$((n + 1)); [ $n -le 100 ] || { echo "server $b never listened"; cat /tmp/server.log; return 1; }
+    sleep 0.1
+  done
+  $b -d rxe0 -x "$ORDINAL_GUEST_GID_INDEX" -F "$@" "$ORDINAL_GUEST_IP"; rc=$?
+  wait $server || { echo "server $b failed:"; cat /tmp/server.log; return 1; }
+  return $rc
+}
+# client TEST PEER ARGS: retry while the peer server is not up yet (fails within 3 s), 60 tries.
+client() {
+  b=$1; peer=$2; shift 2
+  for try in $(seq 60); do
+    start=$(cut -d. -f1 /proc/uptime)
+    $b -d rxe0 -x "$ORDINAL_GUEST_GID_INDEX" -F "$@" "$peer" && return 0
+    rc=$?
+    [ $(( $(cut -d. -f1 /proc/uptime) - start )) -lt 3 ] || return $rc
+    sleep 0.5
+  done
+  return $rc
+}
+'

@@ -36,26 +36,14 @@ hw_tests=$(sed -n 's/.*Executable tests\/verbs.rs (\(.*\))$/\1/p' "$build_log" |
 
 # Inside the guest: the hardware tests, then perftest as the device's reference figures. The
 # perftest server runs in the background and the client talks to the guest's own address.
-guest_script='
+guest_script="$guest_lib"'
 set -e
 ibv_devinfo -d rxe0 | grep -q PORT_ACTIVE || { echo "rxe0 is not PORT_ACTIVE"; exit 10; }
 echo "== hw: verbs hardware tests on rxe0"
 ORDINAL_RDMA_DEVICE=rxe0 ./'"$hw_tests"' --test-threads=1 || exit 11
-perf() {
-  b=$1; shift
-  $b -d rxe0 -x "$ORDINAL_GUEST_GID_INDEX" -F "$@" >/tmp/server.log 2>&1 &
-  server=$!
-  n=0
-  until netstat -ltn | grep -q ":18515 "; do
-    n=$((n + 1)); [ $n -le 100 ] || { echo "$b server never listened"; cat /tmp/server.log; return 1; }
-    sleep 0.1
-  done
-  $b -d rxe0 -x "$ORDINAL_GUEST_GID_INDEX" -F "$@" "$ORDINAL_GUEST_IP" || return 1
-  wait $server
-}
 echo "== perftest: ib_send_lat (half a round trip) and ib_write_bw on rxe0"
-perf ib_send_lat -n 2000 || exit 12
-perf ib_write_bw -n 2000 || exit 13
+serve_and_run ib_send_lat -n 2000 || exit 12
+serve_and_run ib_write_bw -n 2000 || exit 13
 echo "== guest suite passed"
 '
 started=$(now_us)
