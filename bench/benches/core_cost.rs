@@ -53,16 +53,15 @@ fn main() {
         for mode in Mode::ALL {
             let mut histogram = Histogram::<u64>::new(3).expect("3 significant digits");
             for _ in 0..RUNS {
-                let started = Instant::now();
-                let acked = run(CoreLoopConfig {
+                let outcome = run(CoreLoopConfig {
                     payload_bytes,
                     order_batches_inflight: inflight,
                     queue_depth: 32,
                     writes: writes_per_run,
                     mode,
                 });
-                let elapsed = started.elapsed();
-                assert_eq!(acked, writes_per_run);
+                let elapsed = outcome.elapsed;
+                assert_eq!(outcome.acked, writes_per_run);
                 // Picoseconds per op, so that 3 significant digits keep sub-nanosecond detail.
                 histogram
                     .record((elapsed.as_nanos() * 1000 / u128::from(writes_per_run)) as u64)

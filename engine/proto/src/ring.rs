@@ -11,12 +11,16 @@
 use crate::config::round_up;
 
 /// Byte ring allocator. `head` and `tail` count bytes since the start and never wrap; positions
-/// are taken modulo the ring size.
+/// are taken modulo the ring size. The head's position is kept alongside the head, so that an
+/// allocation (once per write) costs no 64-bit division: the ring size need not be a power of
+/// two.
 #[derive(Clone, Debug)]
 pub struct RingAllocator {
     ring_bytes: u64,
     align_bytes: u64,
     head: u64,
+    /// `head % ring_bytes`.
+    head_position: u64,
     tail: u64,
 }
 
@@ -38,6 +42,7 @@ impl RingAllocator {
             ring_bytes,
             align_bytes,
             head: 0,
+            head_position: 0,
             tail: 0,
         }
     }
@@ -46,21 +51,27 @@ impl RingAllocator {
     pub fn allocate(&mut self, len: u64) -> Option<RingSpan> {
         assert!(len > 0 && len <= self.ring_bytes);
         let len = round_up(len, self.align_bytes);
-        let position = self.head % self.ring_bytes;
-        let start = if position + len > self.ring_bytes {
-            self.head + (self.ring_bytes - position)
+        let position = self.head_position;
+        debug_assert_eq!(position, self.head % self.ring_bytes);
+        let (start, start_position) = if position + len > self.ring_bytes {
+            (self.head + (self.ring_bytes - position), 0)
         } else {
-            self.head
+            (self.head, position)
         };
         let end = start + len;
         if end - self.tail > self.ring_bytes {
             return None;
         }
         self.head = end;
+        self.head_position = start_position + len;
+        if self.head_position == self.ring_bytes {
+            self.head_position = 0;
+        }
         let span = RingSpan {
-            ring_offset: start % self.ring_bytes,
+            ring_offset: start_position,
             alloc_end: end,
         };
+        debug_assert_eq!(span.ring_offset, start % self.ring_bytes);
         debug_assert!(span.ring_offset + len <= self.ring_bytes);
         Some(span)
     }

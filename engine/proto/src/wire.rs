@@ -513,12 +513,16 @@ impl OrderRecord {
             });
         }
         let sector = geometry.sector_bytes;
+        // A valid geometry's sector size is a power of two, so alignment is a mask test (this
+        // runs once per record on the DR's hot path; a 64-bit division costs tens of cycles).
+        debug_assert!(sector.is_power_of_two());
+        let misaligned_bits = u64::from(sector) - 1;
         for (what, value) in [
             ("volume offset", self.volume_offset),
             ("write length", u64::from(self.len)),
             ("ring position", self.ring_offset),
         ] {
-            if value % u64::from(sector) != 0 {
+            if value & misaligned_bits != 0 {
                 return Err(DecodeError::Misaligned {
                     what,
                     value,
