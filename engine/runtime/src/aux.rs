@@ -18,7 +18,8 @@ use crate::admin::{self, Input};
 use crate::control::{Grant, NodeInfo, Purpose, Role};
 use crate::storage::map_file;
 use crate::transport::{
-    QueuePair, RegionMemory, RegionTable, TransportEvent, ACCESS_REMOTE_READ, ACCESS_REMOTE_WRITE,
+    QueuePair, RegionMemory, RegionTable, StableSpan, TransportEvent, ACCESS_REMOTE_READ,
+    ACCESS_REMOTE_WRITE,
 };
 
 /// Notices on the DR's watch queue pair (SEND, 16 bytes): magic, kind, epoch, wait.
@@ -80,6 +81,17 @@ struct AuxMemory(RefCell<Aux<memmap2::MmapMut>>);
 impl RegionMemory for AuxMemory {
     fn with_bytes(&self, f: &mut dyn FnMut(&mut [u8])) {
         f(&mut self.0.borrow_mut().nic_region_mut()[AUX_PRIMARY_AREA_OFFSET..]);
+    }
+
+    fn stable_span(&self) -> Option<StableSpan> {
+        let mut aux = self.0.borrow_mut();
+        let area = &mut aux.nic_region_mut()[AUX_PRIMARY_AREA_OFFSET..];
+        let (ptr, len) = (area.as_mut_ptr(), area.len());
+        // SAFETY: the area lies in the aux's mapping, which `Aux` owns for as long as this value
+        // lives and never replaces; the aux reads the area back only through checksummed
+        // decoding (the heartbeat here, the entries at the DR), which is what the device
+        // writing concurrently requires.
+        (len > 0).then(|| unsafe { StableSpan::new(ptr, len) })
     }
 }
 

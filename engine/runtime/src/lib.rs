@@ -8,6 +8,7 @@
 //!
 //! Modules:
 //! - [`transport`]: the verbs-shaped boundary and its TCP implementation;
+//! - `verbs` (feature `verbs`): the same boundary on an RDMA device (RC queue pairs);
 //! - [`control`]: connection setup, pre-shared-key authentication, region descriptors;
 //! - [`storage`]: volumes (direct I/O) and memory-mapped region files;
 //! - [`primary`], [`dr`], [`aux`]: the three daemons; [`admin`]: status and failover requests.
@@ -22,6 +23,8 @@ pub mod nbd;
 pub mod primary;
 pub mod storage;
 pub mod transport;
+#[cfg(feature = "verbs")]
+pub mod verbs;
 
 use std::sync::OnceLock;
 

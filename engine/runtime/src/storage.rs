@@ -15,9 +15,11 @@ use std::rc::Rc;
 use glommio::io::DmaFile;
 use memmap2::MmapMut;
 
-use crate::transport::RegionMemory;
+use crate::transport::{RegionMemory, StableSpan};
 
-/// A memory-mapped region file shared by a role and the transport.
+/// A memory-mapped region file shared by a role and the transport. The mapping is made once
+/// and never replaced (nothing assigns `map`), which is what lets an RDMA device hold it
+/// registered: see [`RegionMemory::stable_span`].
 #[derive(Debug)]
 pub struct MappedRegion {
     pub path: PathBuf,
@@ -27,6 +29,16 @@ pub struct MappedRegion {
 impl RegionMemory for MappedRegion {
     fn with_bytes(&self, f: &mut dyn FnMut(&mut [u8])) {
         f(&mut self.map.borrow_mut());
+    }
+
+    fn stable_span(&self) -> Option<StableSpan> {
+        let mut map = self.map.borrow_mut();
+        let (ptr, len) = (map.as_mut_ptr(), map.len());
+        // SAFETY: the mapping lives exactly as long as `self` and is never replaced or remapped
+        // (see the struct's doc), so the span stays valid and in place. Its readers (the DR's
+        // log and ring code) validate every record they read by checksum, which is what the
+        // device writing concurrently requires.
+        (len > 0).then(|| unsafe { StableSpan::new(ptr, len) })
     }
 }
 

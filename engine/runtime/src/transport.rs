@@ -22,6 +22,13 @@
 //! Frames (all little-endian) carry a fixed 32-byte header and at most
 //! [`FRAME_PAYLOAD_BYTES_MAX`] bytes of payload. The responder acknowledges requests
 //! cumulatively after each burst it processed, which is what a NIC's coalesced ACKs do.
+//!
+//! # Backends
+//! A [`QueuePair`] is either this TCP emulation ([`QueuePair::start`]) or, with the `verbs`
+//! feature, a real RC queue pair on an RDMA device (`QueuePair::start_verbs`, see the `verbs`
+//! module). The daemons call the same methods on both and get the same events; only
+//! construction differs, and a [`RegionTable`] made with `RegionTable::new_verbs` registers its
+//! regions with the device instead of checking accesses itself.
 
 use std::cell::{Cell, RefCell};
 use std::collections::VecDeque;
@@ -62,23 +69,74 @@ pub struct RegionDescriptor {
     pub access: u32,
 }
 
-/// Memory a region is backed by. The transport writes and reads it when a remote access arrives
-/// and only inside `with_bytes`, so the owner may hold it in a `RefCell`.
+/// Memory a region is backed by. The TCP transport writes and reads it when a remote access
+/// arrives and only inside `with_bytes`, so the owner may hold it in a `RefCell`. The verbs
+/// transport instead registers the memory with the NIC, which needs [`RegionMemory::stable_span`].
 pub trait RegionMemory {
     /// Runs `f` on the region's bytes.
     fn with_bytes(&self, f: &mut dyn FnMut(&mut [u8]));
+
+    /// The region's bytes as a span that never moves, for registration with an RDMA device;
+    /// `None` (the default) for memory that may move, which only the TCP transport can serve.
+    fn stable_span(&self) -> Option<StableSpan> {
+        None
+    }
+}
+
+/// A span of memory that stays where it is for as long as the [`RegionMemory`] that hands it
+/// out lives, so that an RDMA device may read and write it directly.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct StableSpan {
+    ptr: *mut u8,
+    len: usize,
+}
+
+impl StableSpan {
+    /// # Safety
+    /// `[ptr, ptr + len)` must be valid for reads and writes, and must be neither moved, freed,
+    /// unmapped nor remapped, for as long as the `RegionMemory` value returning this span lives
+    /// (a memory mapping or a heap buffer owned by that value and never replaced qualifies).
+    /// The owner also accepts that, while the span is registered, the device writes these bytes
+    /// whenever a peer's WRITE arrives, concurrently with the owner's own accesses: like memory
+    /// shared with another process, what the owner reads there may change under it and must be
+    /// validated (the protocol checks checksums and bounds of everything it reads back).
+    pub unsafe fn new(ptr: *mut u8, len: usize) -> StableSpan {
+        assert!(!ptr.is_null(), "a stable span needs memory");
+        StableSpan { ptr, len }
+    }
+
+    pub fn ptr(&self) -> *mut u8 {
+        self.ptr
+    }
+
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
 }
 
 struct Registration {
+    /// The device's registration of `memory`, for verbs tables; declared before `memory` so it
+    /// is deregistered before the memory can be released. `None` once revoked.
+    #[cfg(feature = "verbs")]
+    registered: Option<crate::verbs::RegisteredRegion>,
     descriptor: RegionDescriptor,
     memory: Rc<dyn RegionMemory>,
     revoked: bool,
 }
 
-/// The regions one queue pair may access, like a protection domain's memory regions.
+/// The regions one queue pair may access, like a protection domain's memory regions (with
+/// verbs it is one: each verbs table has its own protection domain, so a peer can reach only
+/// the regions of the connection it was granted them on).
 #[derive(Default)]
 pub struct RegionTable {
     registrations: RefCell<Vec<Registration>>,
+    /// The device and protection domain of a verbs table; `None` for a TCP table.
+    #[cfg(feature = "verbs")]
+    verbs: Option<crate::verbs::TableDomain>,
 }
 
 impl std::fmt::Debug for RegionTable {
@@ -105,19 +163,69 @@ pub enum AccessError {
 }
 
 impl RegionTable {
+    /// A table served by the TCP transport.
     pub fn new() -> Rc<Self> {
         Rc::new(RegionTable::default())
     }
 
-    /// Registers `len` bytes of `memory` with `access` rights. The key is random, so a peer
-    /// cannot guess another connection's key; the address is a per-registration base so that
-    /// bounds are checked on absolute addresses as a NIC does.
+    /// A table whose regions are registered with `domain`'s device, in a protection domain of
+    /// its own, for a queue pair started with [`QueuePair::start_verbs`].
+    #[cfg(feature = "verbs")]
+    pub fn new_verbs(domain: &Rc<crate::verbs::VerbsDomain>) -> Result<Rc<Self>, String> {
+        Ok(Rc::new(RegionTable {
+            registrations: RefCell::new(Vec::new()),
+            verbs: Some(crate::verbs::TableDomain::new(domain)?),
+        }))
+    }
+
+    /// Registers `len` bytes of `memory` with `access` rights; see [`RegionTable::try_register`].
+    ///
+    /// # Panics
+    /// When a verbs table cannot register the memory (the device refuses, the memory has no
+    /// [`RegionMemory::stable_span`]). A TCP table never fails; daemons on verbs call
+    /// `try_register` and report the error.
     pub fn register(
         &self,
         memory: Rc<dyn RegionMemory>,
         len: u64,
         access: u32,
     ) -> RegionDescriptor {
+        match self.try_register(memory, len, access) {
+            Ok(descriptor) => descriptor,
+            Err(error) => panic!("cannot register a region: {error}"),
+        }
+    }
+
+    /// Registers `len` bytes of `memory` with `access` rights.
+    ///
+    /// TCP: the key is random, so a peer cannot guess another connection's key; the address is
+    /// a per-registration base so that bounds are checked on absolute addresses as a NIC does.
+    /// Verbs: a memory region over the memory's stable span with the least rights that serve
+    /// `access` (a remote write needs LOCAL_WRITE|REMOTE_WRITE, a remote read REMOTE_READ); the
+    /// descriptor carries the region's real address and rkey.
+    pub fn try_register(
+        &self,
+        memory: Rc<dyn RegionMemory>,
+        len: u64,
+        access: u32,
+    ) -> Result<RegionDescriptor, String> {
+        #[cfg(feature = "verbs")]
+        if let Some(verbs) = &self.verbs {
+            let registered = verbs.register(&memory, len, access)?;
+            let descriptor = RegionDescriptor {
+                addr: registered.addr(),
+                len,
+                rkey: registered.rkey(),
+                access,
+            };
+            self.registrations.borrow_mut().push(Registration {
+                registered: Some(registered),
+                descriptor,
+                memory,
+                revoked: false,
+            });
+            return Ok(descriptor);
+        }
         let mut registrations = self.registrations.borrow_mut();
         let rkey = loop {
             let candidate = crate::random_u32();
@@ -133,11 +241,27 @@ impl RegionTable {
             access,
         };
         registrations.push(Registration {
+            #[cfg(feature = "verbs")]
+            registered: None,
             descriptor,
             memory,
             revoked: false,
         });
-        descriptor
+        Ok(descriptor)
+    }
+
+    /// The protection domain a verbs queue pair on this table uses: the table's own, or a new
+    /// one for an empty TCP table (a queue pair that grants the peer nothing).
+    #[cfg(feature = "verbs")]
+    pub(crate) fn verbs_pd(
+        &self,
+        domain: &Rc<crate::verbs::VerbsDomain>,
+    ) -> Result<std::sync::Arc<ordinal_hw::ProtectionDomain>, String> {
+        match &self.verbs {
+            Some(verbs) => verbs.pd_for(domain),
+            None if self.registrations.borrow().is_empty() => domain.new_pd(),
+            None => Err("the region table is a TCP table with regions the RDMA device does not know: make it with RegionTable::new_verbs".into()),
+        }
     }
 
     /// The descriptors registered so far.
@@ -155,6 +279,10 @@ impl RegionTable {
         for registration in self.registrations.borrow_mut().iter_mut() {
             if registration.descriptor.rkey == rkey {
                 registration.revoked = true;
+                // Verbs: deregistering invalidates the rkey in the NIC, which then refuses
+                // every later access with a remote-access error, as the TCP check does.
+                #[cfg(feature = "verbs")]
+                drop(registration.registered.take());
             }
         }
     }
@@ -244,7 +372,8 @@ pub enum PostError {
     Down,
     /// More than `SEND_QUEUE_DEPTH` work requests outstanding.
     QueueFull,
-    /// The payload exceeds `FRAME_PAYLOAD_BYTES_MAX`.
+    /// The payload exceeds `FRAME_PAYLOAD_BYTES_MAX` (verbs: or a SEND exceeds the peer's
+    /// receive buffers, `verbs::RECV_BUFFER_BYTES`).
     TooLarge,
 }
 
@@ -358,20 +487,38 @@ struct QpState {
     regions: Rc<RegionTable>,
 }
 
-/// One queue pair over one TCP connection. Cloning shares the pair.
+/// One queue pair: over one TCP connection, or (feature `verbs`) an RC queue pair on an RDMA
+/// device. Cloning shares the pair.
 #[derive(Clone)]
 pub struct QueuePair {
-    state: Rc<QpState>,
+    backend: Backend,
+}
+
+#[derive(Clone)]
+enum Backend {
+    Tcp(TcpPair),
+    #[cfg(feature = "verbs")]
+    Verbs(Rc<crate::verbs::VerbsHandle>),
 }
 
 impl std::fmt::Debug for QueuePair {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("QueuePair")
-            .field("id", &self.state.id)
-            .field("down", &self.state.down.get())
-            .field("posted", &self.state.posted.borrow().len())
+            .field("id", &self.id())
+            .field("backend", &self.backend_name())
+            .field("down", &self.is_down())
+            .field("posted", &self.outstanding())
             .finish()
     }
+}
+
+/// The id of the next queue pair started on this thread (both backends draw from it, so ids
+/// stay unique within a daemon).
+pub(crate) fn next_qp_id() -> u32 {
+    thread_local! {
+        static NEXT_QP_ID: Cell<u32> = const { Cell::new(1) };
+    }
+    NEXT_QP_ID.with(|next| next.replace(next.get() + 1))
 }
 
 impl QueuePair {
@@ -384,12 +531,142 @@ impl QueuePair {
         regions: Rc<RegionTable>,
         events: Sender<TransportEvent>,
     ) -> QueuePair {
+        QueuePair {
+            backend: Backend::Tcp(TcpPair::start(stream, regions, events)),
+        }
+    }
+
+    /// Starts an RC queue pair on `domain`'s device for an established (and authenticated)
+    /// connection: exchanges endpoints over `stream` (`side` says who speaks first), connects
+    /// the queue pair, and keeps `stream` open as the connection's liveness channel. `regions`
+    /// should be a `RegionTable::new_verbs` table of the same domain (an empty TCP table grants
+    /// nothing). See the `verbs` module for what differs from TCP.
+    #[cfg(feature = "verbs")]
+    pub async fn start_verbs(
+        domain: &Rc<crate::verbs::VerbsDomain>,
+        stream: TcpStream,
+        regions: Rc<RegionTable>,
+        events: Sender<TransportEvent>,
+        side: crate::verbs::Side,
+    ) -> Result<QueuePair, String> {
+        let handle = crate::verbs::start(domain, stream, regions, events, side).await?;
+        Ok(QueuePair {
+            backend: Backend::Verbs(Rc::new(handle)),
+        })
+    }
+
+    /// "tcp" or "verbs", for status output and logs.
+    pub fn backend_name(&self) -> &'static str {
+        match &self.backend {
+            Backend::Tcp(_) => "tcp",
+            #[cfg(feature = "verbs")]
+            Backend::Verbs(_) => "verbs",
+        }
+    }
+
+    pub fn id(&self) -> u32 {
+        match &self.backend {
+            Backend::Tcp(pair) => pair.state.id,
+            #[cfg(feature = "verbs")]
+            Backend::Verbs(handle) => handle.id(),
+        }
+    }
+
+    pub fn is_down(&self) -> bool {
+        match &self.backend {
+            Backend::Tcp(pair) => pair.state.down.get(),
+            #[cfg(feature = "verbs")]
+            Backend::Verbs(handle) => handle.is_down(),
+        }
+    }
+
+    /// Work requests posted and not yet completed.
+    pub fn outstanding(&self) -> usize {
+        match &self.backend {
+            Backend::Tcp(pair) => pair.state.posted.borrow().len(),
+            #[cfg(feature = "verbs")]
+            Backend::Verbs(handle) => handle.outstanding(),
+        }
+    }
+
+    /// Posts a two-sided SEND of `bytes` (copied).
+    pub fn post_send(&self, wr_id: u64, bytes: &[u8]) -> Result<(), PostError> {
+        match &self.backend {
+            Backend::Tcp(pair) => pair.post_send(wr_id, bytes),
+            #[cfg(feature = "verbs")]
+            Backend::Verbs(handle) => handle.post_send(wr_id, bytes),
+        }
+    }
+
+    /// Posts a one-sided WRITE of `bytes` (copied) to `remote_addr` in the peer's region `rkey`,
+    /// with immediate data if `imm` is set.
+    pub fn post_write(
+        &self,
+        wr_id: u64,
+        bytes: &[u8],
+        remote_addr: u64,
+        rkey: u32,
+        imm: Option<u32>,
+    ) -> Result<(), PostError> {
+        match &self.backend {
+            Backend::Tcp(pair) => pair.post_write(wr_id, bytes, remote_addr, rkey, imm),
+            #[cfg(feature = "verbs")]
+            Backend::Verbs(handle) => handle.post_write(wr_id, bytes, remote_addr, rkey, imm),
+        }
+    }
+
+    /// Posts a one-sided READ of `len` bytes at `remote_addr` in the peer's region `rkey`; the
+    /// bytes come with the completion.
+    pub fn post_read(
+        &self,
+        wr_id: u64,
+        remote_addr: u64,
+        rkey: u32,
+        len: u32,
+    ) -> Result<(), PostError> {
+        match &self.backend {
+            Backend::Tcp(pair) => pair.post_read(wr_id, remote_addr, rkey, len),
+            #[cfg(feature = "verbs")]
+            Backend::Verbs(handle) => handle.post_read(wr_id, remote_addr, rkey, len),
+        }
+    }
+
+    /// Fails the queue pair now (used on shutdown and by the watchdog).
+    pub fn fail(&self, reason: &str) {
+        match &self.backend {
+            Backend::Tcp(pair) => fail_pair(&pair.state, reason),
+            #[cfg(feature = "verbs")]
+            Backend::Verbs(handle) => handle.fail(reason),
+        }
+    }
+
+    /// For tests of a crashed peer host: resets a verbs queue pair in the device without telling
+    /// the peer (the liveness channel stays open), so the peer's work requests go unanswered
+    /// and it must notice through the RC retry timeout. Does nothing on TCP.
+    #[doc(hidden)]
+    pub fn reset_silently_for_tests(&self) {
+        #[cfg(feature = "verbs")]
+        if let Backend::Verbs(handle) = &self.backend {
+            handle.reset_silently_for_tests();
+        }
+    }
+}
+
+/// The TCP implementation of a queue pair.
+#[derive(Clone)]
+struct TcpPair {
+    state: Rc<QpState>,
+}
+
+impl TcpPair {
+    fn start(
+        stream: TcpStream,
+        regions: Rc<RegionTable>,
+        events: Sender<TransportEvent>,
+    ) -> TcpPair {
         // Order records are tiny and latency-bound: never let Nagle hold them back.
         let _ = stream.set_nodelay(true);
-        thread_local! {
-            static NEXT_QP_ID: Cell<u32> = const { Cell::new(1) };
-        }
-        let id = NEXT_QP_ID.with(|next| next.replace(next.get() + 1));
+        let id = next_qp_id();
         let (wake_writer, writer_wakeups) = local_channel::new_bounded(1);
         let wake_writer = Rc::new(wake_writer);
         let state = Rc::new(QpState {
@@ -409,23 +686,10 @@ impl QueuePair {
         glommio::spawn_local(writer_task(state.clone(), writer, writer_wakeups)).detach();
         glommio::spawn_local(reader_task(state.clone(), reader)).detach();
         glommio::spawn_local(watchdog_task(Rc::downgrade(&state))).detach();
-        QueuePair { state }
+        TcpPair { state }
     }
 
-    pub fn id(&self) -> u32 {
-        self.state.id
-    }
-
-    pub fn is_down(&self) -> bool {
-        self.state.down.get()
-    }
-
-    pub fn outstanding(&self) -> usize {
-        self.state.posted.borrow().len()
-    }
-
-    /// Posts a two-sided SEND of `bytes` (copied).
-    pub fn post_send(&self, wr_id: u64, bytes: &[u8]) -> Result<(), PostError> {
+    fn post_send(&self, wr_id: u64, bytes: &[u8]) -> Result<(), PostError> {
         self.post(
             wr_id,
             Opcode::Send,
@@ -441,9 +705,7 @@ impl QueuePair {
         )
     }
 
-    /// Posts a one-sided WRITE of `bytes` (copied) to `remote_addr` in the peer's region `rkey`,
-    /// with immediate data if `imm` is set.
-    pub fn post_write(
+    fn post_write(
         &self,
         wr_id: u64,
         bytes: &[u8],
@@ -470,9 +732,7 @@ impl QueuePair {
         )
     }
 
-    /// Posts a one-sided READ of `len` bytes at `remote_addr` in the peer's region `rkey`; the
-    /// bytes come with the completion.
-    pub fn post_read(
+    fn post_read(
         &self,
         wr_id: u64,
         remote_addr: u64,
@@ -535,11 +795,6 @@ impl QueuePair {
         drop(out);
         let _ = self.state.wake_writer.try_send(());
         Ok(())
-    }
-
-    /// Fails the queue pair now (used on shutdown and by the watchdog).
-    pub fn fail(&self, reason: &str) {
-        fail_pair(&self.state, reason);
     }
 }
 
