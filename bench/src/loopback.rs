@@ -24,6 +24,7 @@ use ordinal_proto::wire::{MESSAGE_HEADER_BYTES, ORDER_RECORD_BYTES};
 use ordinal_proto::{Geometry, LinkLossPolicy, Mode};
 use ordinal_runtime::aux::{run_aux, AuxOptions};
 use ordinal_runtime::dr::{run_dr, DrOptions};
+use ordinal_runtime::link::TransportChoice;
 use ordinal_runtime::primary::{run_primary, PrimaryHandle, PrimaryOptions, WriteOutcome};
 
 /// Bytes of one order record on the wire: the transport's frame header, the message header
@@ -189,6 +190,7 @@ where
         geometry,
         epoch: 1,
         heartbeat_timeout: Duration::from_secs(1),
+        transport: TransportChoice::Tcp,
     };
     executor_thread("ordinal-aux", move || run_aux(aux))?;
     let dr = DrOptions {
@@ -201,6 +203,7 @@ where
         aux: Some(aux_addr),
         auto_failover: false,
         applies_inflight_max: 16,
+        transport: TransportChoice::Tcp,
     };
     executor_thread("ordinal-dr", move || run_dr(dr))?;
     let primary = PrimaryOptions {
@@ -216,6 +219,7 @@ where
         heartbeat_interval: Duration::from_millis(20),
         lease: Duration::from_millis(400),
         local_writes_inflight_max: 64,
+        transport: TransportChoice::Tcp,
     };
     let (result_tx, result_rx) = mpsc::channel();
     executor_thread("ordinal-primary", move || {

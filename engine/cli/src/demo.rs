@@ -49,6 +49,13 @@ pub struct DemoArgs {
     /// Keep the run directories (logs, volumes, state) for inspection.
     #[arg(long)]
     pub keep: bool,
+    /// Transport of the daemons: tcp (no hardware needed) or verbs (RDMA device --device;
+    /// tools/guest/run.sh gives a soft-RoCE one).
+    #[arg(long, default_value = "tcp")]
+    pub transport: String,
+    /// RDMA device for --transport verbs.
+    #[arg(long, default_value = "rxe0")]
+    pub device: String,
 }
 
 /// Draws below `n` (at least 1) from the simulator's seeded PRNG.
@@ -228,13 +235,8 @@ fn wait_for_acks(workload: &Workload, target: u64, limit: Duration) -> Result<()
     Ok(())
 }
 
-pub fn run_once(
-    exe: &Path,
-    seed: u64,
-    kill: &str,
-    writes_max: u64,
-    dir: &Path,
-) -> Result<RunOutcome, String> {
+pub fn run_once(args: &DemoArgs, exe: &Path, seed: u64, dir: &Path) -> Result<RunOutcome, String> {
+    let (kill, writes_max) = (args.kill.as_str(), args.writes);
     let started = Instant::now();
     std::fs::create_dir_all(dir)
         .map_err(|error| format!("cannot create {}: {error}", dir.display()))?;
@@ -263,6 +265,10 @@ pub fn run_once(
             "1024".into(),
             "--max-write-kib".into(),
             "64".into(),
+            "--transport".into(),
+            args.transport.clone(),
+            "--device".into(),
+            args.device.clone(),
         ]
     };
     let mut aux_args = common("aux");
@@ -521,7 +527,7 @@ pub fn run(args: DemoArgs) -> Result<ExitCode, String> {
                 args.kill
             );
         }
-        let outcome = run_once(&exe, seed, &args.kill, args.writes, &dir);
+        let outcome = run_once(&args, &exe, seed, &dir);
         let outcome = match outcome {
             Ok(outcome) => outcome,
             Err(error) => {

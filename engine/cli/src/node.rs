@@ -9,6 +9,7 @@ use clap::Args;
 use ordinal_proto::{Geometry, LinkLossPolicy, Mode};
 use ordinal_runtime::aux::{run_aux, AuxOptions};
 use ordinal_runtime::dr::{run_dr, DrOptions};
+use ordinal_runtime::link::TransportChoice;
 use ordinal_runtime::primary::{run_primary, PrimaryOptions};
 
 /// Settings every node of one replicated volume must share.
@@ -41,9 +42,20 @@ pub struct Shared {
     /// Pin this daemon's executor to this CPU (default: not pinned).
     #[arg(long)]
     pub cpu: Option<usize>,
+    /// How queue pairs reach the peers: tcp (RDMA semantics over TCP; no hardware needed) or
+    /// verbs (RC queue pairs on the RDMA device --device). Every node of a group uses the same.
+    #[arg(long, default_value = "tcp")]
+    pub transport: String,
+    /// RDMA device for --transport verbs (see `ibv_devices`; soft-RoCE's is rxe0).
+    #[arg(long, default_value = "rxe0")]
+    pub device: String,
 }
 
 impl Shared {
+    fn transport(&self) -> Result<TransportChoice, String> {
+        TransportChoice::parse(&self.transport, &self.device)
+    }
+
     fn psk(&self) -> Result<Vec<u8>, String> {
         ordinal_runtime::read_psk(&self.psk_file)
     }
@@ -214,6 +226,7 @@ pub fn primary(args: PrimaryArgs) -> Result<ExitCode, String> {
         heartbeat_interval: Duration::from_millis(args.heartbeat_ms),
         lease: Duration::from_millis(args.lease_ms),
         local_writes_inflight_max: 64,
+        transport: args.shared.transport()?,
     };
     let nbd_listen = args.nbd_listen;
     run_on_executor("ordinal-primary", args.shared.cpu, move || async move {
@@ -237,6 +250,7 @@ pub fn dr(args: DrArgs) -> Result<ExitCode, String> {
         aux: args.aux,
         auto_failover: !args.no_auto_failover,
         applies_inflight_max: 16,
+        transport: args.shared.transport()?,
     };
     run_on_executor("ordinal-dr", args.shared.cpu, move || run_dr(options))
 }
@@ -252,6 +266,7 @@ pub fn aux(args: AuxArgs) -> Result<ExitCode, String> {
         geometry,
         epoch: args.shared.epoch,
         heartbeat_timeout: Duration::from_millis(args.heartbeat_timeout_ms),
+        transport: args.shared.transport()?,
     };
     run_on_executor("ordinal-aux", args.shared.cpu, move || run_aux(options))
 }

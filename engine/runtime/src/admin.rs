@@ -16,6 +16,7 @@ use glommio::channels::local_channel::LocalReceiver;
 use glommio::net::{TcpListener, TcpStream};
 
 use crate::control::{self, Grant, Hello, NodeInfo, Purpose, Role};
+use crate::link::{PreparedQp, Side, Transport};
 use crate::transport::{RegionTable, TransportEvent};
 
 pub const ADMIN_REQUEST_BYTES_MAX: usize = 4096;
@@ -29,28 +30,44 @@ pub struct AdminRequest {
     pub answer: Sender<String>,
 }
 
-/// An authenticated connection that is not an admin one, handed to the daemon.
+/// An authenticated connection that is not an admin one, with its queue pair connected, handed
+/// to the daemon (which starts the pair).
 #[derive(Debug)]
 pub struct Accepted {
     pub hello: Hello,
-    pub stream: TcpStream,
+    pub qp: PreparedQp,
     pub regions: Rc<RegionTable>,
 }
 
 /// Decides what an authenticated hello is granted; registers regions in the given table.
 pub type Decide = Rc<dyn Fn(&Hello, &RegionTable) -> Result<Grant, String>>;
 
-/// Accepts connections forever: each is authenticated within the handshake deadline in its own
-/// task, so a slow or hostile peer delays nobody else. Admin connections are served here;
-/// others go to `accepted`.
-pub async fn accept_loop(
-    listener: TcpListener,
-    psk: Rc<Vec<u8>>,
-    our_role: Role,
-    decide: Decide,
-    accepted: Sender<Accepted>,
-    admin: Sender<AdminRequest>,
-) {
+/// What an accept loop needs besides its listener.
+#[derive(Clone)]
+pub struct AcceptContext {
+    pub psk: Rc<Vec<u8>>,
+    pub our_role: Role,
+    pub decide: Decide,
+    pub transport: Transport,
+    pub events: Sender<TransportEvent>,
+    pub accepted: Sender<Accepted>,
+    pub admin: Sender<AdminRequest>,
+}
+
+impl std::fmt::Debug for AcceptContext {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AcceptContext")
+            .field("our_role", &self.our_role)
+            .field("transport", &self.transport.name())
+            .finish()
+    }
+}
+
+/// Accepts connections forever: each is authenticated within the handshake deadline, and its
+/// queue pair connected, in its own task, so a slow or hostile peer delays nobody else. Admin
+/// connections are served here; others go to `accepted`.
+pub async fn accept_loop(listener: TcpListener, context: AcceptContext) {
+    let our_role = context.our_role;
     loop {
         let stream = match listener.accept().await {
             Ok(stream) => stream,
@@ -60,15 +77,29 @@ pub async fn accept_loop(
                 continue;
             }
         };
-        let (psk, decide, accepted, admin) =
-            (psk.clone(), decide.clone(), accepted.clone(), admin.clone());
+        let context = context.clone();
         glommio::spawn_local(async move {
+            let AcceptContext {
+                psk,
+                decide,
+                transport,
+                events,
+                accepted,
+                admin,
+                ..
+            } = context;
             let mut stream = stream;
             let peer = stream
                 .peer_addr()
                 .map(|a| a.to_string())
                 .unwrap_or_else(|_| "?".into());
-            let regions = RegionTable::new();
+            let regions = match transport.regions() {
+                Ok(regions) => regions,
+                Err(error) => {
+                    eprintln!("{}: cannot serve {peer}: {error}", our_role.name());
+                    return;
+                }
+            };
             let table = regions.clone();
             let outcome = control::server_handshake(&mut stream, &psk, our_role, |hello| {
                 if hello.purpose == Purpose::Admin {
@@ -90,13 +121,18 @@ pub async fn accept_loop(
             match outcome {
                 Ok(hello) if hello.purpose == Purpose::Admin => serve_admin(stream, admin).await,
                 Ok(hello) => {
-                    let _ = accepted
-                        .send(Accepted {
-                            hello,
-                            stream,
-                            regions,
-                        })
-                        .await;
+                    match transport
+                        .prepare(stream, regions.clone(), events, Side::Server)
+                        .await
+                    {
+                        Ok(qp) => {
+                            let _ = accepted.send(Accepted { hello, qp, regions }).await;
+                        }
+                        Err(error) => eprintln!(
+                            "{}: cannot connect a queue pair with {peer}: {error}",
+                            our_role.name()
+                        ),
+                    }
                 }
                 Err(error) => {
                     eprintln!(
@@ -314,6 +350,26 @@ pub async fn connect(
         .await
         .map_err(|error| format!("{addr}: {error}"))?;
     Ok((stream, grant))
+}
+
+/// Connects to `addr`, authenticates as `role` for `purpose` and connects a queue pair over
+/// `transport`; returns the pair (started by the daemon's loop, so that no event can arrive for a
+/// pair the loop does not know yet) and what the peer granted.
+pub async fn connect_qp(
+    transport: &Transport,
+    events: &Sender<TransportEvent>,
+    addr: SocketAddr,
+    psk: &[u8],
+    role: Role,
+    purpose: Purpose,
+    info: NodeInfo,
+) -> Result<(PreparedQp, Grant), String> {
+    let (stream, grant) = connect(addr, psk, role, purpose, info).await?;
+    let qp = transport
+        .prepare(stream, transport.regions()?, events.clone(), Side::Client)
+        .await
+        .map_err(|error| format!("{addr}: {error}"))?;
+    Ok((qp, grant))
 }
 
 /// Runs `attempt` every `pause` until it succeeds, logging every 25th failure as `what`.

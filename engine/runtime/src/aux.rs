@@ -14,8 +14,9 @@ use ordinal_proto::aux::{aux_region_bytes, Aux, AuxAction, AuxConfig, AUX_PRIMAR
 use ordinal_proto::primary::aux_primary_area_bytes;
 use ordinal_proto::{Epoch, Geometry};
 
-use crate::admin::{self, Input};
+use crate::admin::{self, AcceptContext, Input};
 use crate::control::{Grant, NodeInfo, Purpose, Role};
+use crate::link::{Transport, TransportChoice};
 use crate::storage::map_file;
 use crate::transport::{
     QueuePair, RegionMemory, RegionTable, StableSpan, TransportEvent, ACCESS_REMOTE_READ,
@@ -73,10 +74,32 @@ pub struct AuxOptions {
     pub epoch: Epoch,
     /// The primary is declared dead when its heartbeat has not advanced for this long.
     pub heartbeat_timeout: Duration,
+    pub transport: TransportChoice,
 }
 
 /// The aux role and its region, shared with the transport (which places the primary's writes).
-struct AuxMemory(RefCell<Aux<memmap2::MmapMut>>);
+struct AuxMemory(RefCell<Aux<memmap2::MmapMut>>, AreaSpan);
+
+/// Where the primary-writable area of the aux's mapping is: taken once, when the role is
+/// created, because a registration may happen while the role is borrowed (inside a handshake's
+/// decision).
+#[derive(Clone, Copy)]
+struct AreaSpan {
+    ptr: *mut u8,
+    len: usize,
+}
+
+impl AuxMemory {
+    fn new(mut aux: Aux<memmap2::MmapMut>) -> AuxMemory {
+        let area = &mut aux.nic_region_mut()[AUX_PRIMARY_AREA_OFFSET..];
+        let span = AreaSpan {
+            ptr: area.as_mut_ptr(),
+            len: area.len(),
+        };
+        // Moving `aux` moves the `MmapMut` handle, not the mapping: the pointer stays valid.
+        AuxMemory(RefCell::new(aux), span)
+    }
+}
 
 impl RegionMemory for AuxMemory {
     fn with_bytes(&self, f: &mut dyn FnMut(&mut [u8])) {
@@ -84,9 +107,7 @@ impl RegionMemory for AuxMemory {
     }
 
     fn stable_span(&self) -> Option<StableSpan> {
-        let mut aux = self.0.borrow_mut();
-        let area = &mut aux.nic_region_mut()[AUX_PRIMARY_AREA_OFFSET..];
-        let (ptr, len) = (area.as_mut_ptr(), area.len());
+        let AreaSpan { ptr, len } = self.1;
         // SAFETY: the area lies in the aux's mapping, which `Aux` owns for as long as this value
         // lives and never replaces; the aux reads the area back only through checksummed
         // decoding (the heartbeat here, the entries at the DR), which is what the device
@@ -98,7 +119,10 @@ impl RegionMemory for AuxMemory {
 struct AuxNode {
     aux: Rc<AuxMemory>,
     /// The primary's grants, revoked at fencing.
-    primary_grants: Vec<(Rc<RegionTable>, u32)>,
+    /// The primary's grants (table, key, and the queue pair that carries its writes, which
+    /// must stay alive while the primary uses it), revoked at fencing; entries whose queue pair
+    /// went down are dropped at the next connection.
+    primary_grants: Vec<(Rc<RegionTable>, u32, QueuePair)>,
     watchers: Vec<QueuePair>,
     primary_connections: u64,
     /// A notice not yet delivered because no DR was connected.
@@ -112,6 +136,7 @@ pub async fn run_aux(options: AuxOptions) -> Result<(), String> {
         .map_err(|error| format!("invalid geometry: {error}"))?;
     std::fs::create_dir_all(&options.state_dir)
         .map_err(|error| format!("cannot create {}: {error}", options.state_dir.display()))?;
+    let transport = Transport::open(&options.transport, &options.geometry)?;
     let path = options.state_dir.join("aux-table.region");
     // The aux role owns its mapping (the transport reaches it through the role).
     let map = map_file(&path, aux_region_bytes(options.geometry.table_slots) as u64)?;
@@ -122,7 +147,7 @@ pub async fn run_aux(options: AuxOptions) -> Result<(), String> {
     let aux = Aux::open(config, map, options.epoch, crate::now_ns())
         .map_err(|error| format!("aux table {}: {error:?}", path.display()))?;
     let node = Rc::new(RefCell::new(AuxNode {
-        aux: Rc::new(AuxMemory(RefCell::new(aux))),
+        aux: Rc::new(AuxMemory::new(aux)),
         primary_grants: Vec::new(),
         watchers: Vec::new(),
         primary_connections: 0,
@@ -164,9 +189,11 @@ pub async fn run_aux(options: AuxOptions) -> Result<(), String> {
                         hello.info.epoch
                     ));
                 }
-                table.register(memory, area_bytes, ACCESS_REMOTE_WRITE)
+                table.try_register(memory, area_bytes, ACCESS_REMOTE_WRITE)?
             }
-            (Role::Dr, Purpose::AuxWatch) => table.register(memory, area_bytes, ACCESS_REMOTE_READ),
+            (Role::Dr, Purpose::AuxWatch) => {
+                table.try_register(memory, area_bytes, ACCESS_REMOTE_READ)?
+            }
             (role, purpose) => {
                 return Err(format!(
                     "the aux does not serve {} connections for {purpose:?}",
@@ -184,11 +211,15 @@ pub async fn run_aux(options: AuxOptions) -> Result<(), String> {
     });
     glommio::spawn_local(admin::accept_loop(
         listener,
-        Rc::new(options.psk.clone()),
-        Role::Aux,
-        decide,
-        senders.accepted.clone(),
-        senders.admin.clone(),
+        AcceptContext {
+            psk: Rc::new(options.psk.clone()),
+            our_role: Role::Aux,
+            decide,
+            transport: transport.clone(),
+            events: senders.transport.clone(),
+            accepted: senders.accepted.clone(),
+            admin: senders.admin.clone(),
+        },
     ))
     .detach();
     admin::announce(Role::Aux, "listening on", local);
@@ -199,15 +230,18 @@ pub async fn run_aux(options: AuxOptions) -> Result<(), String> {
         match input {
             Input::Accepted(accepted) => {
                 let mut node = node.borrow_mut();
-                let qp = QueuePair::start(
-                    accepted.stream,
-                    accepted.regions.clone(),
-                    senders.transport.clone(),
-                );
+                let qp = match accepted.qp.start() {
+                    Ok(qp) => qp,
+                    Err(error) => {
+                        eprintln!("aux: cannot start a queue pair: {error}");
+                        continue;
+                    }
+                };
                 match accepted.hello.purpose {
                     Purpose::AuxTable => {
                         let rkey = accepted.regions.descriptors()[0].rkey;
-                        node.primary_grants.push((accepted.regions, rkey));
+                        node.primary_grants.retain(|(_, _, qp)| !qp.is_down());
+                        node.primary_grants.push((accepted.regions, rkey, qp));
                         node.primary_connections += 1;
                         node.aux.0.borrow_mut().handle_primary_connected(now);
                         eprintln!("aux: primary connected");
@@ -286,7 +320,7 @@ fn execute_actions(node: &mut AuxNode) {
     for action in actions {
         match action {
             AuxAction::RevokePrimaryAccess => {
-                for (table, rkey) in &node.primary_grants {
+                for (table, rkey, _) in &node.primary_grants {
                     table.revoke(*rkey);
                 }
                 eprintln!("aux: the primary's access to the status table is revoked");

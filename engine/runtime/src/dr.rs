@@ -10,15 +10,16 @@ use std::rc::Rc;
 use std::time::Duration;
 
 use crate::Sender;
-use glommio::net::{TcpListener, TcpStream};
+use glommio::net::TcpListener;
 use memmap2::MmapMut;
 use ordinal_proto::dr::{dr_log_bytes, Dr, DrAction, DrConfig, DrRole};
 use ordinal_proto::primary::aux_primary_area_bytes;
 use ordinal_proto::{Epoch, Geometry, Seq};
 
-use crate::admin::{self, Input};
+use crate::admin::{self, AcceptContext, Input};
 use crate::aux::Notice;
 use crate::control::{geometry_mismatch, Grant, NodeInfo, Purpose, Role};
+use crate::link::{PreparedQp, Transport, TransportChoice};
 use crate::storage::{map_file, open_region, MappedRegion, OrderedWrites, Volume, WriteJob};
 use crate::transport::{
     Opcode, QueuePair, RegionDescriptor, RegionMemory, RegionTable, TransportEvent, WorkStatus,
@@ -37,6 +38,7 @@ pub struct DrOptions {
     /// Fail over by itself when the aux reports the primary lost (the patent's behaviour).
     pub auto_failover: bool,
     pub applies_inflight_max: usize,
+    pub transport: TransportChoice,
 }
 
 /// Local events of the DR loop.
@@ -47,7 +49,7 @@ pub enum DrEvent {
         result: Result<(), String>,
     },
     AuxConnected {
-        stream: TcpStream,
+        qp: PreparedQp,
         table: RegionDescriptor,
     },
 }
@@ -93,6 +95,7 @@ pub async fn run_dr(options: DrOptions) -> Result<(), String> {
         .map_err(|error| format!("invalid geometry: {error}"))?;
     std::fs::create_dir_all(&options.state_dir)
         .map_err(|error| format!("cannot create {}: {error}", options.state_dir.display()))?;
+    let transport = Transport::open(&options.transport, &options.geometry)?;
     let volume = Rc::new(Volume::open(&options.volume, geometry.sector_bytes).await?);
     if volume.size_bytes() != geometry.volume_bytes {
         return Err(format!(
@@ -173,7 +176,7 @@ pub async fn run_dr(options: DrOptions) -> Result<(), String> {
             (Role::Primary, Purpose::OrderQp) => Vec::new(),
             (Role::Primary, Purpose::DataQp) => {
                 let memory: Rc<dyn RegionMemory> = node.ring.clone();
-                vec![table.register(memory, geometry.ring_bytes, ACCESS_REMOTE_WRITE)]
+                vec![table.try_register(memory, geometry.ring_bytes, ACCESS_REMOTE_WRITE)?]
             }
             (role, purpose) => {
                 return Err(format!(
@@ -192,11 +195,15 @@ pub async fn run_dr(options: DrOptions) -> Result<(), String> {
     });
     glommio::spawn_local(admin::accept_loop(
         listener,
-        Rc::new(options.psk.clone()),
-        Role::Dr,
-        decide,
-        senders.accepted.clone(),
-        senders.admin.clone(),
+        AcceptContext {
+            psk: Rc::new(options.psk.clone()),
+            our_role: Role::Dr,
+            decide,
+            transport: transport.clone(),
+            events: senders.transport.clone(),
+            accepted: senders.accepted.clone(),
+            admin: senders.admin.clone(),
+        },
     ))
     .detach();
     admin::announce(Role::Dr, "listening on", local);
@@ -208,6 +215,7 @@ pub async fn run_dr(options: DrOptions) -> Result<(), String> {
                 epoch: node.dr.epoch(),
             };
             glommio::spawn_local(connect_to_aux(
+                (transport.clone(), senders.transport.clone()),
                 addr,
                 options.psk.clone(),
                 info,
@@ -225,11 +233,13 @@ pub async fn run_dr(options: DrOptions) -> Result<(), String> {
         let node = &mut *guard;
         match input {
             Input::Accepted(accepted) => {
-                let qp = QueuePair::start(
-                    accepted.stream,
-                    accepted.regions.clone(),
-                    senders.transport.clone(),
-                );
+                let qp = match accepted.qp.start() {
+                    Ok(qp) => qp,
+                    Err(error) => {
+                        eprintln!("dr: cannot start a queue pair: {error}");
+                        continue;
+                    }
+                };
                 if accepted.hello.purpose == Purpose::DataQp {
                     if let Some(old) = node.data_qp.replace(qp) {
                         old.fail("replaced by a new connection from the primary");
@@ -266,11 +276,15 @@ pub async fn run_dr(options: DrOptions) -> Result<(), String> {
                     node.dr.handle_apply_done(through);
                 }
             }
-            Input::Local(DrEvent::AuxConnected { stream, table }) => {
+            Input::Local(DrEvent::AuxConnected { qp, table }) => {
                 node.aux_connecting = false;
-                let qp = QueuePair::start(stream, RegionTable::new(), senders.transport.clone());
-                eprintln!("dr: connected to the aux");
-                node.aux = Some((qp, table));
+                match qp.start() {
+                    Ok(qp) => {
+                        eprintln!("dr: connected to the aux ({})", transport.name());
+                        node.aux = Some((qp, table));
+                    }
+                    Err(error) => eprintln!("dr: cannot start the aux queue pair: {error}"),
+                }
             }
             Input::Admin(request) => match request.request.as_str() {
                 "status" => {
@@ -308,14 +322,29 @@ pub async fn run_dr(options: DrOptions) -> Result<(), String> {
     }
 }
 
-async fn connect_to_aux(addr: SocketAddr, psk: Vec<u8>, info: NodeInfo, local: Sender<DrEvent>) {
+async fn connect_to_aux(
+    (transport, events): (Transport, Sender<TransportEvent>),
+    addr: SocketAddr,
+    psk: Vec<u8>,
+    info: NodeInfo,
+    local: Sender<DrEvent>,
+) {
     let event = admin::keep_trying("dr: aux", Duration::from_millis(100), || async {
-        let (stream, grant) = admin::connect(addr, &psk, Role::Dr, Purpose::AuxWatch, info).await?;
+        let (qp, grant) = admin::connect_qp(
+            &transport,
+            &events,
+            addr,
+            &psk,
+            Role::Dr,
+            Purpose::AuxWatch,
+            info,
+        )
+        .await?;
         let table = *grant
             .descriptors
             .first()
             .ok_or("the aux granted no status table")?;
-        Ok(DrEvent::AuxConnected { stream, table })
+        Ok(DrEvent::AuxConnected { qp, table })
     })
     .await;
     let _ = local.send(event).await;

@@ -19,6 +19,7 @@ pub mod admin;
 pub mod aux;
 pub mod control;
 pub mod dr;
+pub mod link;
 pub mod nbd;
 pub mod primary;
 pub mod storage;

@@ -12,16 +12,15 @@ use std::path::PathBuf;
 use std::rc::Rc;
 use std::time::Duration;
 
-use glommio::net::{TcpListener, TcpStream};
+use glommio::net::TcpListener;
 use ordinal_proto::primary::{AuxWriteTag, Primary, PrimaryAction, PrimaryConfig, WriteRefused};
 use ordinal_proto::{Epoch, Geometry, LinkLossPolicy, Mode, Seq};
 
-use crate::admin::{self, Input};
+use crate::admin::{self, AcceptContext, Input};
 use crate::control::{NodeInfo, Purpose, Role};
+use crate::link::{PreparedQp, Transport, TransportChoice};
 use crate::storage::{OrderedWrites, Volume, WriteJob};
-use crate::transport::{
-    Opcode, QueuePair, RegionDescriptor, RegionTable, TransportEvent, WorkStatus,
-};
+use crate::transport::{Opcode, QueuePair, RegionDescriptor, TransportEvent, WorkStatus};
 use crate::Sender;
 
 #[derive(Clone, Debug)]
@@ -40,6 +39,7 @@ pub struct PrimaryOptions {
     pub lease: Duration,
     /// Local volume writes in flight at once.
     pub local_writes_inflight_max: usize,
+    pub transport: TransportChoice,
 }
 
 /// How a client write ended.
@@ -64,12 +64,12 @@ pub enum PrimaryEvent {
         result: Result<(), String>,
     },
     DrConnected {
-        order: TcpStream,
-        data: TcpStream,
+        order: PreparedQp,
+        data: PreparedQp,
         ring: RegionDescriptor,
     },
     AuxConnected {
-        stream: TcpStream,
+        qp: PreparedQp,
         table: RegionDescriptor,
     },
 }
@@ -161,6 +161,7 @@ pub async fn run_primary(
     geometry
         .validate()
         .map_err(|error| format!("invalid geometry: {error}"))?;
+    let transport = Transport::open(&options.transport, &options.geometry)?;
     let volume = Rc::new(Volume::open(&options.volume, geometry.sector_bytes).await?);
     if volume.size_bytes() != geometry.volume_bytes {
         return Err(format!(
@@ -191,11 +192,15 @@ pub async fn run_primary(
     });
     glommio::spawn_local(admin::accept_loop(
         listener,
-        Rc::new(options.psk.clone()),
-        Role::Primary,
-        decide,
-        senders.accepted.clone(),
-        senders.admin.clone(),
+        AcceptContext {
+            psk: Rc::new(options.psk.clone()),
+            our_role: Role::Primary,
+            decide,
+            transport: transport.clone(),
+            events: senders.transport.clone(),
+            accepted: senders.accepted.clone(),
+            admin: senders.admin.clone(),
+        },
     ))
     .detach();
 
@@ -249,18 +254,27 @@ pub async fn run_primary(
             }
             Input::Local(PrimaryEvent::DrConnected { order, data, ring }) => {
                 node.dr_connecting = false;
-                eprintln!("primary: connected to the DR");
-                let start = |stream| {
-                    QueuePair::start(stream, RegionTable::new(), senders.transport.clone())
-                };
-                node.dr = Some((start(order), start(data), ring));
+                // A pair that cannot start leaves the DR unconnected: the next pass retries.
+                match (data.start(), order.start()) {
+                    (Ok(data), Ok(order)) => {
+                        eprintln!("primary: connected to the DR ({})", transport.name());
+                        node.dr = Some((order, data, ring));
+                    }
+                    (Err(error), _) | (_, Err(error)) => {
+                        eprintln!("primary: cannot start the DR queue pairs: {error}")
+                    }
+                }
             }
-            Input::Local(PrimaryEvent::AuxConnected { stream, table }) => {
+            Input::Local(PrimaryEvent::AuxConnected { qp, table }) => {
                 node.aux_connecting = false;
-                eprintln!("primary: connected to the aux");
-                let qp = QueuePair::start(stream, RegionTable::new(), senders.transport.clone());
-                node.aux = Some((qp, table));
-                node.primary.handle_aux_up(now);
+                match qp.start() {
+                    Ok(qp) => {
+                        eprintln!("primary: connected to the aux ({})", transport.name());
+                        node.aux = Some((qp, table));
+                        node.primary.handle_aux_up(now);
+                    }
+                    Err(error) => eprintln!("primary: cannot start the aux queue pair: {error}"),
+                }
             }
             Input::Transport(event) => handle_transport(node, event, now),
             Input::Admin(request) => {
@@ -279,6 +293,7 @@ pub async fn run_primary(
         if node.dr.is_none() && !node.dr_connecting && node.primary.stopped().is_none() {
             node.dr_connecting = true;
             glommio::spawn_local(connect_to_dr(
+                (transport.clone(), senders.transport.clone()),
                 options.dr,
                 options.psk.clone(),
                 info,
@@ -289,6 +304,7 @@ pub async fn run_primary(
         if node.aux.is_none() && !node.aux_connecting && node.primary.stopped().is_none() {
             node.aux_connecting = true;
             glommio::spawn_local(connect_to_aux(
+                (transport.clone(), senders.transport.clone()),
                 options.aux,
                 options.psk.clone(),
                 info,
@@ -332,6 +348,7 @@ fn admit(node: &mut PrimaryNode, now: u64) {
 }
 
 async fn connect_to_dr(
+    (transport, events): (Transport, Sender<TransportEvent>),
     addr: SocketAddr,
     psk: Vec<u8>,
     info: NodeInfo,
@@ -340,13 +357,23 @@ async fn connect_to_dr(
     let event = admin::keep_trying("primary: DR", Duration::from_millis(200), || async {
         // The data connection first: once the order connection is up the DR says hello and
         // the primary starts posting payload writes.
-        let (data, grant) =
-            admin::connect(addr, &psk, Role::Primary, Purpose::DataQp, info).await?;
+        let connect = |purpose| {
+            admin::connect_qp(
+                &transport,
+                &events,
+                addr,
+                &psk,
+                Role::Primary,
+                purpose,
+                info,
+            )
+        };
+        let (data, grant) = connect(Purpose::DataQp).await?;
         let ring = *grant
             .descriptors
             .first()
             .ok_or("the DR granted no staging ring")?;
-        let (order, _) = admin::connect(addr, &psk, Role::Primary, Purpose::OrderQp, info).await?;
+        let (order, _) = connect(Purpose::OrderQp).await?;
         Ok(PrimaryEvent::DrConnected { order, data, ring })
     })
     .await;
@@ -354,19 +381,28 @@ async fn connect_to_dr(
 }
 
 async fn connect_to_aux(
+    (transport, events): (Transport, Sender<TransportEvent>),
     addr: SocketAddr,
     psk: Vec<u8>,
     info: NodeInfo,
     local: Sender<PrimaryEvent>,
 ) {
     let event = admin::keep_trying("primary: aux", Duration::from_millis(200), || async {
-        let (stream, grant) =
-            admin::connect(addr, &psk, Role::Primary, Purpose::AuxTable, info).await?;
+        let (qp, grant) = admin::connect_qp(
+            &transport,
+            &events,
+            addr,
+            &psk,
+            Role::Primary,
+            Purpose::AuxTable,
+            info,
+        )
+        .await?;
         let table = *grant
             .descriptors
             .first()
             .ok_or("the aux granted no status table")?;
-        Ok(PrimaryEvent::AuxConnected { stream, table })
+        Ok(PrimaryEvent::AuxConnected { qp, table })
     })
     .await;
     let _ = local.send(event).await;

@@ -555,6 +555,14 @@ impl QueuePair {
         })
     }
 
+    /// Wraps a started verbs queue pair (see `link::PreparedQp::start`).
+    #[cfg(feature = "verbs")]
+    pub(crate) fn from_verbs(handle: crate::verbs::VerbsHandle) -> Result<QueuePair, String> {
+        Ok(QueuePair {
+            backend: Backend::Verbs(Rc::new(handle)),
+        })
+    }
+
     /// "tcp" or "verbs", for status output and logs.
     pub fn backend_name(&self) -> &'static str {
         match &self.backend {

@@ -1079,14 +1079,45 @@ fn work_status(status: WcStatus) -> WorkStatus {
     }
 }
 
+/// A verbs queue pair connected to its peer (RTS, receives posted) whose completions nobody
+/// polls yet: what arrives waits in the completion queue until [`Prepared::activate`]. This lets
+/// the slow, asynchronous part (the endpoint exchange) run in a connection's own task while the
+/// role's loop starts the pair when it is ready to hear of it, so that no event can reach the
+/// loop before the loop knows the queue pair.
+pub(crate) struct Prepared {
+    state: Rc<VerbsQp>,
+    stream: TcpStream,
+}
+
+impl std::fmt::Debug for Prepared {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Prepared")
+            .field("id", &self.state.id)
+            .finish()
+    }
+}
+
 /// Creates, connects and starts a verbs queue pair; see `QueuePair::start_verbs`.
 pub(crate) async fn start(
+    domain: &Rc<VerbsDomain>,
+    stream: TcpStream,
+    regions: Rc<RegionTable>,
+    events: Sender<TransportEvent>,
+    side: Side,
+) -> Result<VerbsHandle, String> {
+    prepare(domain, stream, regions, events, side)
+        .await?
+        .activate()
+}
+
+/// Creates and connects a verbs queue pair; see [`Prepared`].
+pub(crate) async fn prepare(
     domain: &Rc<VerbsDomain>,
     mut stream: TcpStream,
     regions: Rc<RegionTable>,
     events: Sender<TransportEvent>,
     side: Side,
-) -> Result<VerbsHandle, String> {
+) -> Result<Prepared, String> {
     let _ = stream.set_nodelay(true);
     let config = domain.config;
     let pd = regions.verbs_pd(domain)?;
@@ -1193,22 +1224,30 @@ pub(crate) async fn start(
         ..state
     });
     state.liveness_fd.set(Some(stream.as_raw_fd()));
-    let cq = state.cq.clone();
-    let doorbell = state.doorbell.clone();
-    COMPLETION_THREADS.fetch_add(1, Ordering::AcqRel);
-    let spawned = std::thread::Builder::new()
-        .name(format!("ord-cq{}", state.id))
-        .spawn(move || {
-            completion_events(cq, doorbell);
+    Ok(Prepared { state, stream })
+}
+
+impl Prepared {
+    /// Starts polling the pair's completions (and watching its liveness stream).
+    pub(crate) fn activate(self) -> Result<VerbsHandle, String> {
+        let Prepared { state, stream } = self;
+        let cq = state.cq.clone();
+        let doorbell = state.doorbell.clone();
+        COMPLETION_THREADS.fetch_add(1, Ordering::AcqRel);
+        let spawned = std::thread::Builder::new()
+            .name(format!("ord-cq{}", state.id))
+            .spawn(move || {
+                completion_events(cq, doorbell);
+                COMPLETION_THREADS.fetch_sub(1, Ordering::AcqRel);
+            });
+        if let Err(error) = spawned {
             COMPLETION_THREADS.fetch_sub(1, Ordering::AcqRel);
-        });
-    if let Err(error) = spawned {
-        COMPLETION_THREADS.fetch_sub(1, Ordering::AcqRel);
-        return Err(format!("cannot start the completion-event thread: {error}"));
+            return Err(format!("cannot start the completion-event thread: {error}"));
+        }
+        glommio::spawn_local(poll_completions(state.clone())).detach();
+        glommio::spawn_local(watch_liveness(Rc::downgrade(&state), stream)).detach();
+        Ok(VerbsHandle { qp: state })
     }
-    glommio::spawn_local(poll_completions(state.clone())).detach();
-    glommio::spawn_local(watch_liveness(Rc::downgrade(&state), stream)).detach();
-    Ok(VerbsHandle { qp: state })
 }
 
 /// Moves the QP to RTR and RTS towards `theirs` with the domain's settings.

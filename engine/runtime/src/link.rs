@@ -1,0 +1,164 @@
+//! Which transport a daemon's queue pairs run on (`--transport tcp|verbs`), chosen once per
+//! daemon, and the two-step start every queue pair goes through: *prepare* in the connection's
+//! own task (the verbs endpoint exchange is a round trip on the control stream), then *start* in
+//! the role's loop, synchronously, so that no event of a queue pair can reach the loop before the
+//! loop knows the pair.
+
+use std::rc::Rc;
+
+use glommio::net::TcpStream;
+use ordinal_proto::Geometry;
+
+use crate::transport::{QueuePair, RegionTable, TransportEvent};
+use crate::Sender;
+
+/// The transport named on the command line; opened on the daemon's executor.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum TransportChoice {
+    /// One TCP connection per queue pair, with RDMA's semantics (see `transport`).
+    Tcp,
+    /// RC queue pairs on an RDMA device (such as soft-RoCE's `rxe0`).
+    Verbs { device: String },
+}
+
+impl TransportChoice {
+    pub fn parse(transport: &str, device: &str) -> Result<TransportChoice, String> {
+        match transport {
+            "tcp" => Ok(TransportChoice::Tcp),
+            "verbs" if cfg!(feature = "verbs") => Ok(TransportChoice::Verbs {
+                device: device.to_string(),
+            }),
+            "verbs" => Err("this build has no RDMA support (feature verbs)".into()),
+            other => Err(format!("unknown transport {other:?}: use tcp or verbs")),
+        }
+    }
+}
+
+/// Which end of a connection a queue pair is at (the client speaks first when pairs connect).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Side {
+    Client,
+    Server,
+}
+
+/// An opened transport.
+#[derive(Clone, Debug)]
+pub enum Transport {
+    Tcp,
+    #[cfg(feature = "verbs")]
+    Verbs(Rc<crate::verbs::VerbsDomain>),
+}
+
+/// Payload writes the primary keeps in flight at most (`PrimaryConfig`'s default): a verbs
+/// queue pair's send arena holds that many of the largest write.
+#[cfg(feature = "verbs")]
+const PAYLOAD_WRITES_INFLIGHT: usize = 64;
+
+impl Transport {
+    /// Opens the transport; for verbs, the device, sized for `geometry`'s largest write.
+    pub fn open(choice: &TransportChoice, geometry: &Geometry) -> Result<Transport, String> {
+        match choice {
+            TransportChoice::Tcp => {
+                let _ = geometry;
+                Ok(Transport::Tcp)
+            }
+            #[cfg(feature = "verbs")]
+            TransportChoice::Verbs { device } => {
+                // Every queue pair copies what it sends into its registered arena until the
+                // completion; the data pair has up to PAYLOAD_WRITES_INFLIGHT payloads in flight.
+                // The arena must also hold the largest frame the boundary accepts.
+                let payloads = PAYLOAD_WRITES_INFLIGHT * geometry.payload_bytes_max as usize;
+                let arena = (payloads + (payloads >> 2))
+                    .max(crate::transport::FRAME_PAYLOAD_BYTES_MAX * 2)
+                    .next_power_of_two();
+                let config = crate::verbs::VerbsConfig {
+                    send_arena_bytes: arena,
+                    ..crate::verbs::VerbsConfig::default()
+                };
+                let domain = crate::verbs::VerbsDomain::open_with(device, config)?;
+                Ok(Transport::Verbs(domain))
+            }
+            #[cfg(not(feature = "verbs"))]
+            TransportChoice::Verbs { .. } => {
+                Err("this build has no RDMA support (feature verbs)".into())
+            }
+        }
+    }
+
+    pub fn name(&self) -> &'static str {
+        match self {
+            Transport::Tcp => "tcp",
+            #[cfg(feature = "verbs")]
+            Transport::Verbs(_) => "verbs",
+        }
+    }
+
+    /// A table for the regions one connection may access (a protection domain of its own on
+    /// verbs, so that a key granted on one connection works on no other).
+    pub fn regions(&self) -> Result<Rc<RegionTable>, String> {
+        match self {
+            Transport::Tcp => Ok(RegionTable::new()),
+            #[cfg(feature = "verbs")]
+            Transport::Verbs(domain) => RegionTable::new_verbs(domain),
+        }
+    }
+
+    /// Connects a queue pair over an authenticated stream; it starts with [`PreparedQp::start`].
+    pub async fn prepare(
+        &self,
+        stream: TcpStream,
+        regions: Rc<RegionTable>,
+        events: Sender<TransportEvent>,
+        side: Side,
+    ) -> Result<PreparedQp, String> {
+        match self {
+            Transport::Tcp => {
+                let _ = side;
+                Ok(PreparedQp(Prepared::Tcp {
+                    stream,
+                    regions,
+                    events,
+                }))
+            }
+            #[cfg(feature = "verbs")]
+            Transport::Verbs(domain) => {
+                let side = match side {
+                    Side::Client => crate::verbs::Side::Client,
+                    Side::Server => crate::verbs::Side::Server,
+                };
+                let prepared = crate::verbs::prepare(domain, stream, regions, events, side).await?;
+                Ok(PreparedQp(Prepared::Verbs(prepared)))
+            }
+        }
+    }
+}
+
+/// A queue pair connected to its peer whose events nobody hears yet.
+#[derive(Debug)]
+pub struct PreparedQp(Prepared);
+
+#[derive(Debug)]
+enum Prepared {
+    Tcp {
+        stream: TcpStream,
+        regions: Rc<RegionTable>,
+        events: Sender<TransportEvent>,
+    },
+    #[cfg(feature = "verbs")]
+    Verbs(crate::verbs::Prepared),
+}
+
+impl PreparedQp {
+    /// Starts the queue pair: from now on its events reach the role's loop.
+    pub fn start(self) -> Result<QueuePair, String> {
+        match self.0 {
+            Prepared::Tcp {
+                stream,
+                regions,
+                events,
+            } => Ok(QueuePair::start(stream, regions, events)),
+            #[cfg(feature = "verbs")]
+            Prepared::Verbs(prepared) => QueuePair::from_verbs(prepared.activate()?),
+        }
+    }
+}
