@@ -3,6 +3,9 @@
 # (tools/guest/run.sh) and runs inside it, over rxe0:
 #   - the hardware tests of hw/ (every verb ordinal uses, remote-access errors, flushes after a
 #     queue-pair error, dead peers within the stated bound);
+#   - the verbs transport's tests (the transport boundary's semantics on rxe0);
+#   - ORDINAL_GUEST_FAILOVERS (10) runs of `ordinal demo --transport verbs`: aux, DR and primary
+#     in the guest over rxe0, the primary killed with SIGKILL under load, failover, I1-I6 checked;
 #   - perftest's ib_send_lat and ib_write_bw on the same device, as the reference figures.
 #
 #   tools/guest/suite.sh            (tools/test.sh runs it; exit status 0 if all passed)
@@ -30,9 +33,19 @@ fi
 # Build the verbs test binaries on the host; cargo names each executable on stderr.
 build_log=$(mktemp)
 trap 'rm -f "$build_log"' EXIT
-cargo test --locked -p ordinal-hw --no-run 2>&1 | tee "$build_log"
-hw_tests=$(sed -n 's/.*Executable tests\/verbs.rs (\(.*\))$/\1/p' "$build_log" | tail -n 1)
-[ -n "$hw_tests" ] || die "cannot find the hw verbs test binary in cargo's output"
+cargo test --locked -p ordinal-hw -p ordinal-runtime --features ordinal-runtime/verbs --no-run 2>&1 | tee "$build_log"
+test_binary() {
+  local path
+  path=$(sed -n "s/.*Executable $1 (\(.*\))\$/\1/p" "$build_log" | tail -n 1)
+  [ -n "$path" ] || die "cannot find the test binary of $1 in cargo's output"
+  echo "$path"
+}
+hw_tests=$(test_binary 'tests\/verbs.rs')
+transport_tests=$(test_binary 'tests\/verbs_transport.rs')
+cargo build --locked --release -p ordinal
+# Kill-the-primary failovers over verbs: each run starts aux, DR and primary in the guest,
+# writes through NBD, kills the primary with SIGKILL, fails over and checks I1-I6.
+failovers=${ORDINAL_GUEST_FAILOVERS:-10}
 
 # Inside the guest: the hardware tests, then perftest as the device's reference figures. The
 # perftest server runs in the background and the client talks to the guest's own address.
@@ -41,6 +54,10 @@ set -e
 ibv_devinfo -d rxe0 | grep -q PORT_ACTIVE || { echo "rxe0 is not PORT_ACTIVE"; exit 10; }
 echo "== hw: verbs hardware tests on rxe0"
 ORDINAL_RDMA_DEVICE=rxe0 ./'"$hw_tests"' --test-threads=1 || exit 11
+echo "== runtime: the verbs transport behind the transport boundary on rxe0"
+ORDINAL_RDMA_DEVICE=rxe0 ./'"$transport_tests"' --test-threads=1 || exit 14
+echo "== ordinal demo --transport verbs: '"$failovers"' kill-the-primary failovers on rxe0"
+TMPDIR=/tmp ./target/release/ordinal demo --transport verbs --runs '"$failovers"' --quiet || exit 15
 echo "== perftest: ib_send_lat (half a round trip) and ib_write_bw on rxe0"
 serve_and_run ib_send_lat -n 2000 || exit 12
 serve_and_run ib_write_bw -n 2000 || exit 13
@@ -55,7 +72,8 @@ tools/guest/run.sh --timeout 600 --mem 1G -- "$guest_script" 2>&1 | tee "$guest_
 tr -d '\r' <"$guest_log" | awk '
   $1 == 2 && NF >= 6 && $3 ~ /^[0-9.]+$/ { printf "guest suite: ib_send_lat 2 B: typical %s us, avg %s us (half a round trip)\n", $5, $6 }
   $1 == 65536 && NF >= 5 && $4 ~ /^[0-9.]+$/ { printf "guest suite: ib_write_bw 64 KiB: %s MB/s average\n", $4 }
-  /^test result:/ { print "guest suite: hw verbs tests: " $0 }'
+  /^test result:/ { print "guest suite: verbs tests: " $0 }
+  /^[0-9]+ run\(s\), / { print "guest suite: ordinal demo --transport verbs: " $0 }'
 case $rc in
   0) printf 'guest suite: passed in %s s\n' "$(secs "$started" "$(now_us)")" ;;
   125) skip "the guest did not reach its command (QEMU could not run it here)" ;;
