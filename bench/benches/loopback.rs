@@ -3,7 +3,7 @@
 //!
 //! Options: `--mode order-sync|sync|async`, `--write-bytes N` (4096), `--samples N` (5000, one
 //! write at a time), `--queue-depth N` (32), `--seconds S` (5, throughput phase), `--dir D`
-//! (/dev/shm: tmpfs, so the local write is not a disk). `ORDINAL_SPIN_US=N` makes every executor
+//! (/dev/shm: tmpfs, so the local write is not a disk), `--transport tcp|verbs`, `--device rxe0`. `ORDINAL_SPIN_US=N` makes every executor
 //! of the run, the baseline's too, spin N µs before it parks.
 
 use std::time::Duration;
@@ -11,6 +11,7 @@ use std::time::Duration;
 use hdrhistogram::Histogram;
 use ordinal_bench::loopback::{run, LoopbackConfig, ORDER_FRAME_BYTES};
 use ordinal_proto::Mode;
+use ordinal_runtime::link::TransportChoice;
 
 fn us(histogram: &Histogram<u64>, quantile: f64) -> f64 {
     histogram.value_at_quantile(quantile) as f64 / 1000.0
@@ -34,7 +35,10 @@ fn parse() -> Result<LoopbackConfig, String> {
         latency_samples: 5000,
         queue_depth: 32,
         throughput_time: Duration::from_secs(5),
+        transport: TransportChoice::Tcp,
     };
+    let mut device = String::from("rxe0");
+    let mut transport = String::from("tcp");
     let mut args = std::env::args().skip(1);
     while let Some(flag) = args.next() {
         if flag == "--bench" {
@@ -56,12 +60,15 @@ fn parse() -> Result<LoopbackConfig, String> {
             "--queue-depth" => config.queue_depth = number()?.max(1) as usize,
             "--seconds" => config.throughput_time = Duration::from_secs(number()?.max(1)),
             "--dir" => config.dir = value.into(),
+            "--transport" => transport = value,
+            "--device" => device = value,
             other => return Err(format!("unknown option {other}")),
         }
     }
     if config.write_bytes == 0 || config.write_bytes % 4096 != 0 || config.write_bytes > 1 << 20 {
         return Err("--write-bytes must be a multiple of 4096, at most 1 MiB".into());
     }
+    config.transport = TransportChoice::parse(&transport, &device)?;
     config.dir = config
         .dir
         .join(format!("ordinal-loopback-{}", std::process::id()));
@@ -77,7 +84,11 @@ fn main() {
         }
     };
     println!(
-        "loopback: aux, DR and primary on 127.0.0.1 (one glommio executor each), {} mode, {}-byte writes, volumes under {}",
+        "loopback: aux, DR and primary on 127.0.0.1 (one glommio executor each), {} transport, {} mode, {}-byte writes, volumes under {}",
+        match &config.transport {
+            TransportChoice::Tcp => "tcp".to_string(),
+            TransportChoice::Verbs { device } => format!("verbs ({device})"),
+        },
         config.mode.name(),
         config.write_bytes,
         config.dir.parent().unwrap_or(&config.dir).display()

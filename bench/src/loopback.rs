@@ -45,6 +45,9 @@ pub struct LoopbackConfig {
     /// Writes in flight in the throughput phase.
     pub queue_depth: usize,
     pub throughput_time: Duration,
+    /// The roles' transport (the ping-pong baseline is TCP either way; on verbs, compare with
+    /// perftest's `ib_send_lat` on the same device, as `tools/guest/bench.sh` does).
+    pub transport: TransportChoice,
 }
 
 /// What one run measured. Latencies are in nanoseconds.
@@ -180,7 +183,9 @@ where
         sector_bytes: 4096,
         ring_bytes: 64 << 20,
         table_slots: 4096,
-        payload_bytes_max: 1 << 20,
+        // No larger than the run needs: on verbs each queue pair registers a send arena sized
+        // for the largest write.
+        payload_bytes_max: config.write_bytes.max(64 << 10) as u32,
     };
     let (aux_addr, dr_addr, primary_addr) = (free_port()?, free_port()?, free_port()?);
     let aux = AuxOptions {
@@ -189,8 +194,9 @@ where
         psk: psk.clone(),
         geometry,
         epoch: 1,
-        heartbeat_timeout: Duration::from_secs(1),
-        transport: TransportChoice::Tcp,
+        // Generous: connecting verbs queue pairs in an emulated guest takes up to a second.
+        heartbeat_timeout: Duration::from_secs(3),
+        transport: config.transport.clone(),
     };
     executor_thread("ordinal-aux", move || run_aux(aux))?;
     let dr = DrOptions {
@@ -203,7 +209,7 @@ where
         aux: Some(aux_addr),
         auto_failover: false,
         applies_inflight_max: 16,
-        transport: TransportChoice::Tcp,
+        transport: config.transport.clone(),
     };
     executor_thread("ordinal-dr", move || run_dr(dr))?;
     let primary = PrimaryOptions {
@@ -219,7 +225,7 @@ where
         heartbeat_interval: Duration::from_millis(20),
         lease: Duration::from_millis(400),
         local_writes_inflight_max: 64,
-        transport: TransportChoice::Tcp,
+        transport: config.transport.clone(),
     };
     let (result_tx, result_rx) = mpsc::channel();
     executor_thread("ordinal-primary", move || {
