@@ -6,6 +6,7 @@
 #   - the verbs transport's tests (the transport boundary's semantics on rxe0);
 #   - ORDINAL_GUEST_FAILOVERS (10) runs of `ordinal demo --transport verbs`: aux, DR and primary
 #     in the guest over rxe0, the primary killed with SIGKILL under load, failover, I1-I6 checked;
+#   - then ORDINAL_GUEST_CRASHES (3) machine crashes with one guest per role (tools/guest/crash.sh);
 #   - perftest's ib_send_lat and ib_write_bw on the same device, as the reference figures.
 #
 #   tools/guest/suite.sh            (tools/test.sh runs it; exit status 0 if all passed)
@@ -75,7 +76,18 @@ tr -d '\r' <"$guest_log" | awk '
   /^test result:/ { print "guest suite: verbs tests: " $0 }
   /^[0-9]+ run\(s\), / { print "guest suite: ordinal demo --transport verbs: " $0 }'
 case $rc in
-  0) printf 'guest suite: passed in %s s\n' "$(secs "$started" "$(now_us)")" ;;
+  0) ;;
   125) skip "the guest did not reach its command (QEMU could not run it here)" ;;
   *) printf 'guest suite: FAILED (exit %s)\n' "$rc" >&2; exit 1 ;;
 esac
+
+# Machine crashes: one guest per role, the primary's QEMU killed mid-flight (tools/guest/crash.sh).
+crash_log=$(mktemp)
+trap 'rm -f "$build_log" "$guest_log" "$crash_log"' EXIT
+tools/guest/crash.sh --runs "${ORDINAL_GUEST_CRASHES:-3}" 2>&1 | tee "$crash_log" && rc=0 || rc=${PIPESTATUS[0]}
+grep -E '^crash' "$crash_log" | sed 's/^/guest suite: /'
+if ((rc != 0)); then
+  printf 'guest suite: FAILED (machine crashes, exit %s)\n' "$rc" >&2
+  exit 1
+fi
+printf 'guest suite: passed in %s s\n' "$(secs "$started" "$(now_us)")"

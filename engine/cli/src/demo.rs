@@ -23,7 +23,7 @@ use ordinal_sim::rng::Rng;
 
 use crate::report::LossSummary;
 
-const VOLUME_BYTES: u64 = 64 << 20;
+pub(crate) const VOLUME_BYTES: u64 = 64 << 20;
 const BLOCK_BYTES: u64 = 4096;
 const WRITE_BLOCKS_MAX: u64 = 16;
 const QUEUE_DEPTH: u64 = 32;
@@ -151,17 +151,17 @@ pub struct RunOutcome {
     pub violations: Vec<String>,
 }
 
-struct Workload {
+pub(crate) struct Workload {
     /// (offset, len) of write k at index k - 1.
-    writes: Mutex<Vec<(u64, u64)>>,
-    acked: Mutex<Vec<bool>>,
-    acked_count: AtomicU64,
-    replied: AtomicU64,
-    stop: AtomicBool,
-    latencies_us: Mutex<hdrhistogram::Histogram<u64>>,
+    pub(crate) writes: Mutex<Vec<(u64, u64)>>,
+    pub(crate) acked: Mutex<Vec<bool>>,
+    pub(crate) acked_count: AtomicU64,
+    pub(crate) replied: AtomicU64,
+    pub(crate) stop: AtomicBool,
+    pub(crate) latencies_us: Mutex<hdrhistogram::Histogram<u64>>,
 }
 
-fn start_workload(
+pub(crate) fn start_workload(
     nbd: SocketAddr,
     seed: u64,
 ) -> Result<(Arc<Workload>, Vec<std::thread::JoinHandle<()>>), String> {
@@ -359,8 +359,8 @@ pub fn run_once(args: &DemoArgs, exe: &Path, seed: u64, dir: &Path) -> Result<Ru
     let observed = Observed {
         dr_volume_at_promotion,
         dr_volume_at_end: read(dir.join("dr.vol"))?,
-        aux_region_at_fence,
-        aux_region_at_end: aux_region()?,
+        aux_region_at_fence: Some(aux_region_at_fence),
+        aux_region_at_end: Some(aux_region()?),
     };
     let writes = workload.writes.lock().expect("lock").clone();
     let acked = workload.acked.lock().expect("lock").clone();
@@ -389,11 +389,13 @@ pub fn run_once(args: &DemoArgs, exe: &Path, seed: u64, dir: &Path) -> Result<Ru
 
 /// What was read from the DR's and the aux's files, right after the failover answered and again
 /// once every process was stopped.
-struct Observed {
-    dr_volume_at_promotion: Vec<u8>,
-    dr_volume_at_end: Vec<u8>,
-    aux_region_at_fence: Vec<u8>,
-    aux_region_at_end: Vec<u8>,
+pub(crate) struct Observed {
+    pub(crate) dr_volume_at_promotion: Vec<u8>,
+    pub(crate) dr_volume_at_end: Vec<u8>,
+    /// `None` when the aux's file is out of reach (it runs on another machine): then I2 and the
+    /// aux half of I5 are not checked.
+    pub(crate) aux_region_at_fence: Option<Vec<u8>>,
+    pub(crate) aux_region_at_end: Option<Vec<u8>>,
 }
 
 /// Marks the ops the frozen aux table records as replicated (for I2). Every entry of the old
@@ -452,7 +454,7 @@ fn mark_replicated_on_aux(
 /// Checks the run with the simulator's invariant checker (I1-I6 and the loss report), fed with
 /// what an outside observer saw: the writes sent and which were acknowledged, the loss report,
 /// and the bytes of the DR volume and of the aux table.
-fn verify(
+pub(crate) fn verify(
     seed: u64,
     writes: &[(u64, u64)],
     acked: &[bool],
@@ -483,8 +485,10 @@ fn verify(
             }
         })
         .collect();
-    let mut violations =
-        mark_replicated_on_aux(&mut ops, &observed.aux_region_at_fence, report.old_epoch);
+    let mut violations = match &observed.aux_region_at_fence {
+        Some(region) => mark_replicated_on_aux(&mut ops, region, report.old_epoch),
+        None => Vec::new(),
+    };
     let initial_image = vec![0u8; VOLUME_BYTES as usize];
     let verdict = ordinal_sim::check_history(&ordinal_sim::History {
         initial_image: &initial_image,
@@ -495,8 +499,8 @@ fn verify(
         volume_at_end: &observed.dr_volume_at_end,
         // The old primary was killed before the failover: it acknowledged nothing after.
         acked_after_promotion: &[],
-        aux_region_at_fence: Some(&observed.aux_region_at_fence),
-        aux_region_at_end: Some(&observed.aux_region_at_end),
+        aux_region_at_fence: observed.aux_region_at_fence.as_deref(),
+        aux_region_at_end: observed.aux_region_at_end.as_deref(),
     });
     violations.extend(
         verdict
@@ -661,8 +665,8 @@ mod tests {
         let observed = Observed {
             dr_volume_at_promotion: volume.clone(),
             dr_volume_at_end: volume,
-            aux_region_at_fence: aux.clone(),
-            aux_region_at_end: aux,
+            aux_region_at_fence: Some(aux.clone()),
+            aux_region_at_end: Some(aux),
         };
         (writes, vec![true, true], report, observed)
     }
@@ -704,7 +708,7 @@ mod tests {
         // The aux recorded op 2 as replicated, yet it is beyond the cut: I2.
         let (writes, acked, report, mut observed) = scenario();
         record_on_aux(
-            &mut observed.aux_region_at_fence,
+            observed.aux_region_at_fence.as_mut().expect("aux region"),
             2,
             8192,
             PrimaryStatus::Replicated,
@@ -714,7 +718,7 @@ mod tests {
         // ...but "queued" is what it should say for a lost op, and that holds.
         let (writes, acked, report, mut observed) = scenario();
         record_on_aux(
-            &mut observed.aux_region_at_fence,
+            observed.aux_region_at_fence.as_mut().expect("aux region"),
             2,
             8192,
             PrimaryStatus::Queued,
@@ -734,7 +738,7 @@ mod tests {
         expect(verify(SEED, &writes, &acked, &report, &observed), "I5");
         let (writes, acked, report, mut observed) = scenario();
         record_on_aux(
-            &mut observed.aux_region_at_end,
+            observed.aux_region_at_end.as_mut().expect("aux region"),
             2,
             8192,
             PrimaryStatus::Queued,
@@ -754,7 +758,7 @@ mod tests {
         // The aux table names a range the client never wrote.
         let (writes, acked, report, mut observed) = scenario();
         record_on_aux(
-            &mut observed.aux_region_at_fence,
+            observed.aux_region_at_fence.as_mut().expect("aux region"),
             2,
             4096,
             PrimaryStatus::Queued,

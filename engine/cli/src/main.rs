@@ -11,6 +11,7 @@ use clap::{CommandFactory, Parser, Subcommand};
 
 mod config;
 mod demo;
+mod drive;
 mod node;
 mod report;
 mod sim;
@@ -41,6 +42,9 @@ enum Command {
     /// Start aux, DR and primary on loopback, write through NBD, kill -9 a node mid-flight, fail
     /// over and verify the DR volume byte for byte.
     Demo(demo::DemoArgs),
+    /// Write through a running primary's NBD export until it dies, then check the DR's failover
+    /// (I1, I3-I6 on the DR's volume): the demo's checks for nodes on other machines.
+    Drive(drive::DriveArgs),
     /// Run the deterministic fault simulator over many seeds and check I1-I6 after every failover.
     Sim(sim::SimArgs),
 }
@@ -62,6 +66,7 @@ fn main() -> ExitCode {
         Command::Failover(args) => node::failover(args),
         Command::Status(args) => node::status(args),
         Command::Demo(args) => demo::run(args),
+        Command::Drive(args) => drive::run(args),
     };
     match result {
         Ok(code) => code,
