@@ -3,7 +3,8 @@
 //!
 //! Options: `--mode order-sync|sync|async`, `--write-bytes N` (4096), `--samples N` (5000, one
 //! write at a time), `--queue-depth N` (32), `--seconds S` (5, throughput phase), `--dir D`
-//! (/dev/shm: tmpfs, so the local write is not a disk), `--transport tcp|verbs`, `--device rxe0`. `ORDINAL_SPIN_US=N` makes every executor
+//! (/dev/shm: tmpfs, so the local write is not a disk), `--transport tcp|verbs`, `--device rxe0`,
+//! `--poll-spin-us N` (50). `ORDINAL_SPIN_US=N` makes every executor
 //! of the run, the baseline's too, spin N µs before it parks.
 
 use std::time::Duration;
@@ -39,6 +40,7 @@ fn parse() -> Result<LoopbackConfig, String> {
     };
     let mut device = String::from("rxe0");
     let mut transport = String::from("tcp");
+    let mut poll_spin_us = 50;
     let mut args = std::env::args().skip(1);
     while let Some(flag) = args.next() {
         if flag == "--bench" {
@@ -62,13 +64,15 @@ fn parse() -> Result<LoopbackConfig, String> {
             "--dir" => config.dir = value.into(),
             "--transport" => transport = value,
             "--device" => device = value,
+            "--poll-spin-us" => poll_spin_us = number()?,
             other => return Err(format!("unknown option {other}")),
         }
     }
     if config.write_bytes == 0 || config.write_bytes % 4096 != 0 || config.write_bytes > 1 << 20 {
         return Err("--write-bytes must be a multiple of 4096, at most 1 MiB".into());
     }
-    config.transport = TransportChoice::parse(&transport, &device)?;
+    config.transport =
+        TransportChoice::parse(&transport, &device, Duration::from_micros(poll_spin_us))?;
     config.dir = config
         .dir
         .join(format!("ordinal-loopback-{}", std::process::id()));
@@ -87,7 +91,9 @@ fn main() {
         "loopback: aux, DR and primary on 127.0.0.1 (one glommio executor each), {} transport, {} mode, {}-byte writes, volumes under {}",
         match &config.transport {
             TransportChoice::Tcp => "tcp".to_string(),
-            TransportChoice::Verbs { device } => format!("verbs ({device})"),
+            TransportChoice::Verbs { device, poll_spin } => {
+                format!("verbs ({device}, poll spin {} us)", poll_spin.as_micros())
+            }
         },
         config.mode.name(),
         config.write_bytes,
@@ -105,6 +111,10 @@ fn main() {
     println!(
         "{}",
         line("write-ack, one write at a time", &report.write_ack_ns)
+    );
+    println!(
+        "{}",
+        line("  of which: order round trip", &report.order_round_trip_ns)
     );
     let ratio = |quantile| us(&report.write_ack_ns, quantile) / us(&report.pingpong_ns, quantile);
     println!(

@@ -55,6 +55,8 @@ pub struct LoopbackConfig {
 pub struct LoopbackReport {
     pub pingpong_ns: Histogram<u64>,
     pub write_ack_ns: Histogram<u64>,
+    /// The order round trips (SEND posted to the DR's answer) of the one-at-a-time phase.
+    pub order_round_trip_ns: Histogram<u64>,
     pub throughput_ack_ns: Histogram<u64>,
     pub throughput_writes: u64,
     pub throughput_elapsed: Duration,
@@ -252,7 +254,11 @@ async fn measure(handle: PrimaryHandle, config: LoopbackConfig) -> Result<Loopba
     let mut failed = 0u64;
     // Warm-up (connections, page faults, ring laps), then one write at a time.
     let mut write_ack_ns = histogram();
+    let mut order_round_trips_before = None;
     for index in 0..2 * config.latency_samples {
+        if index == config.latency_samples {
+            order_round_trips_before = Some(handle.order_round_trips_ns());
+        }
         let started = Instant::now();
         match handle
             .write(offset_of(index, bytes), vec![index as u8; bytes])
@@ -271,6 +277,12 @@ async fn measure(handle: PrimaryHandle, config: LoopbackConfig) -> Result<Loopba
                 .record(started.elapsed().as_nanos() as u64)
                 .ok();
         }
+    }
+    let mut order_round_trip_ns = handle.order_round_trips_ns();
+    if let Some(before) = order_round_trips_before {
+        order_round_trip_ns
+            .subtract(before)
+            .map_err(|error| format!("order round trips: {error}"))?;
     }
     // Throughput: `queue_depth` writers, each one write at a time, for the given time.
     let throughput_ack_ns = Rc::new(std::cell::RefCell::new(histogram()));
@@ -314,6 +326,7 @@ async fn measure(handle: PrimaryHandle, config: LoopbackConfig) -> Result<Loopba
     Ok(LoopbackReport {
         pingpong_ns: histogram(),
         write_ack_ns,
+        order_round_trip_ns,
         throughput_ack_ns,
         throughput_writes: writes.get(),
         throughput_elapsed,

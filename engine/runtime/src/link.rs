@@ -17,16 +17,26 @@ use crate::Sender;
 pub enum TransportChoice {
     /// One TCP connection per queue pair, with RDMA's semantics (see `transport`).
     Tcp,
-    /// RC queue pairs on an RDMA device (such as soft-RoCE's `rxe0`).
-    Verbs { device: String },
+    /// RC queue pairs on an RDMA device (such as soft-RoCE's `rxe0`). A queue pair's poller
+    /// keeps polling for `poll_spin` after its last completion before it sleeps on the
+    /// completion channel: longer costs CPU and saves a wake-up per message.
+    Verbs {
+        device: String,
+        poll_spin: std::time::Duration,
+    },
 }
 
 impl TransportChoice {
-    pub fn parse(transport: &str, device: &str) -> Result<TransportChoice, String> {
+    pub fn parse(
+        transport: &str,
+        device: &str,
+        poll_spin: std::time::Duration,
+    ) -> Result<TransportChoice, String> {
         match transport {
             "tcp" => Ok(TransportChoice::Tcp),
             "verbs" if cfg!(feature = "verbs") => Ok(TransportChoice::Verbs {
                 device: device.to_string(),
+                poll_spin,
             }),
             "verbs" => Err("this build has no RDMA support (feature verbs)".into()),
             other => Err(format!("unknown transport {other:?}: use tcp or verbs")),
@@ -63,7 +73,7 @@ impl Transport {
                 Ok(Transport::Tcp)
             }
             #[cfg(feature = "verbs")]
-            TransportChoice::Verbs { device } => {
+            TransportChoice::Verbs { device, poll_spin } => {
                 // Every queue pair copies what it sends into its registered arena until the
                 // completion; the data pair has up to PAYLOAD_WRITES_INFLIGHT payloads in flight.
                 // The arena must also hold the largest frame the boundary accepts.
@@ -73,6 +83,7 @@ impl Transport {
                     .next_power_of_two();
                 let config = crate::verbs::VerbsConfig {
                     send_arena_bytes: arena,
+                    spin_after_completion: *poll_spin,
                     ..crate::verbs::VerbsConfig::default()
                 };
                 let domain = crate::verbs::VerbsDomain::open_with(device, config)?;

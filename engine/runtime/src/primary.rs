@@ -13,6 +13,7 @@ use std::rc::Rc;
 use std::time::Duration;
 
 use glommio::net::TcpListener;
+use hdrhistogram::Histogram;
 use ordinal_proto::primary::{AuxWriteTag, Primary, PrimaryAction, PrimaryConfig, WriteRefused};
 use ordinal_proto::{Epoch, Geometry, LinkLossPolicy, Mode, Seq};
 
@@ -98,6 +99,7 @@ pub struct PrimaryHandle {
     events: Sender<PrimaryEvent>,
     volume: Rc<Volume>,
     geometry: Geometry,
+    order_round_trips: Rc<RefCell<Histogram<u64>>>,
 }
 
 impl PrimaryHandle {
@@ -135,6 +137,12 @@ impl PrimaryHandle {
     pub fn geometry(&self) -> Geometry {
         self.geometry
     }
+
+    /// Order round trips so far, in nanoseconds: from posting an order batch's SEND to the DR's
+    /// answer that it holds the batch (what `order-sync` waits for, besides the local write).
+    pub fn order_round_trips_ns(&self) -> Histogram<u64> {
+        self.order_round_trips.borrow().clone()
+    }
 }
 
 struct PrimaryNode {
@@ -150,7 +158,15 @@ struct PrimaryNode {
     dr_connecting: bool,
     aux_connecting: bool,
     last_acked: Seq,
+    /// Order batches on the wire: (last seq, when posted), oldest first; at most
+    /// `ORDERS_TIMED_MAX` (the protocol keeps far fewer in flight).
+    orders_in_flight: VecDeque<(Seq, std::time::Instant)>,
+    /// Order round trips: from posting a batch's SEND to the DR's answer that it holds it.
+    order_round_trips: Rc<RefCell<Histogram<u64>>>,
 }
+
+/// Bound of `PrimaryNode::orders_in_flight`.
+const ORDERS_TIMED_MAX: usize = 1024;
 
 /// Runs the primary until it stops; `ready` receives the client API once the volume is open.
 pub async fn run_primary(
@@ -204,6 +220,9 @@ pub async fn run_primary(
     ))
     .detach();
 
+    let order_round_trips = Rc::new(RefCell::new(
+        Histogram::new_with_bounds(1, 60_000_000_000, 3).expect("valid bounds"),
+    ));
     let node = Rc::new(RefCell::new(PrimaryNode {
         primary: Primary::new(config),
         staging: vec![0; geometry.ring_bytes as usize],
@@ -217,6 +236,8 @@ pub async fn run_primary(
         dr_connecting: false,
         aux_connecting: false,
         last_acked: 0,
+        orders_in_flight: VecDeque::new(),
+        order_round_trips: order_round_trips.clone(),
     }));
     let info = NodeInfo {
         geometry: Some(geometry),
@@ -227,6 +248,7 @@ pub async fn run_primary(
         events: senders.local.clone(),
         volume,
         geometry,
+        order_round_trips,
     });
 
     loop {
@@ -422,6 +444,15 @@ fn handle_transport(node: &mut PrimaryNode, event: TransportEvent, now: u64) {
             if let Err(error) = node.primary.handle_dr_message(&bytes, now) {
                 eprintln!("primary: bad message from the DR: {error}");
             }
+            let held = node.primary.order_acked_through();
+            let mut round_trips = node.order_round_trips.borrow_mut();
+            while let Some(&(last_seq, posted_at)) = node.orders_in_flight.front() {
+                if last_seq > held {
+                    break;
+                }
+                node.orders_in_flight.pop_front();
+                let _ = round_trips.record(posted_at.elapsed().as_nanos() as u64);
+            }
         }
         TransportEvent::Completion {
             qp,
@@ -489,9 +520,18 @@ fn execute_actions(node: &mut PrimaryNode, local: &Sender<PrimaryEvent>) {
                     start_local_writes(node, vec![job], local);
                 }
             }
-            PrimaryAction::SendOrderBatch { buffer, len, .. } => {
+            PrimaryAction::SendOrderBatch {
+                buffer,
+                len,
+                last_seq,
+                ..
+            } => {
                 if let Some((order, _, _)) = &node.dr {
-                    let _ = order.post_send(0, &node.primary.order_batch(buffer)[..len]);
+                    let posted = order.post_send(0, &node.primary.order_batch(buffer)[..len]);
+                    if posted.is_ok() && node.orders_in_flight.len() < ORDERS_TIMED_MAX {
+                        node.orders_in_flight
+                            .push_back((last_seq, std::time::Instant::now()));
+                    }
                 }
             }
             PrimaryAction::WritePayload {
@@ -552,7 +592,7 @@ fn status_json(node: &PrimaryNode, mode: Mode) -> String {
     let stats = primary.stats();
     let (lag_ops, lag_bytes) = primary.lag();
     format!(
-        "{{\"role\":\"primary\",\"epoch\":{},\"mode\":\"{}\",\"stopped\":{},\"last_seq\":{},\"last_acked_seq\":{},\"order_acked_through\":{},\"payload_done_through\":{},\"dr_applied_through\":{},\"lag_ops\":{},\"lag_bytes\":{},\"ring_used_bytes\":{},\"ring_bytes\":{},\"dr_link_up\":{},\"aux_connected\":{},\"lease_valid\":{},\"admitted\":{},\"acked\":{},\"acked_degraded\":{},\"backpressure\":{},\"waiting_clients\":{}}}",
+        "{{\"role\":\"primary\",\"epoch\":{},\"mode\":\"{}\",\"stopped\":{},\"last_seq\":{},\"last_acked_seq\":{},\"order_acked_through\":{},\"payload_done_through\":{},\"dr_applied_through\":{},\"lag_ops\":{},\"lag_bytes\":{},\"ring_used_bytes\":{},\"ring_bytes\":{},\"dr_link_up\":{},\"aux_connected\":{},\"lease_valid\":{},\"admitted\":{},\"acked\":{},\"acked_degraded\":{},\"backpressure\":{},\"waiting_clients\":{},\"order_round_trip_us\":{{\"count\":{},\"p50\":{},\"p99\":{}}}}}",
         primary.config().epoch,
         mode.name(),
         admin::json_string(&primary.stopped().map(|s| format!("{s:?}")).unwrap_or_default()),
@@ -572,6 +612,9 @@ fn status_json(node: &PrimaryNode, mode: Mode) -> String {
         stats.acked,
         stats.acked_degraded,
         stats.backpressure,
-        node.waiting.len()
+        node.waiting.len(),
+        node.order_round_trips.borrow().len(),
+        node.order_round_trips.borrow().value_at_quantile(0.5) / 1000,
+        node.order_round_trips.borrow().value_at_quantile(0.99) / 1000
     )
 }
