@@ -365,16 +365,7 @@ pub fn run_once(args: &DemoArgs, exe: &Path, seed: u64, dir: &Path) -> Result<Ru
     let writes = workload.writes.lock().expect("lock").clone();
     let acked = workload.acked.lock().expect("lock").clone();
     let violations = verify(seed, &writes, &acked, &report, &observed);
-    let acked_lost = report
-        .lost
-        .iter()
-        .filter(|entry| {
-            acked
-                .get((entry.seq - 1) as usize)
-                .copied()
-                .unwrap_or(false)
-        })
-        .count() as u64;
+    let acked_lost = acked_lost(&report, &acked);
     let latencies_us = workload.latencies_us.lock().expect("lock").clone();
     Ok(RunOutcome {
         sent: writes.len() as u64,
@@ -396,6 +387,22 @@ pub(crate) struct Observed {
     /// aux half of I5 are not checked.
     pub(crate) aux_region_at_fence: Option<Vec<u8>>,
     pub(crate) aux_region_at_end: Option<Vec<u8>>,
+}
+
+/// How many of the ops the report lists as lost had been acknowledged to the client.
+pub(crate) fn acked_lost(report: &LossSummary, acked: &[bool]) -> u64 {
+    report
+        .lost
+        .iter()
+        .filter(|entry| {
+            entry
+                .seq
+                .checked_sub(1)
+                .and_then(|index| acked.get(index as usize))
+                .copied()
+                .unwrap_or(false)
+        })
+        .count() as u64
 }
 
 /// Marks the ops the frozen aux table records as replicated (for I2). Every entry of the old

@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use clap::Args;
 
-use crate::demo::{start_workload, verify, Observed};
+use crate::demo::{acked_lost, start_workload, verify, Observed};
 use crate::report::LossSummary;
 
 #[derive(Args, Debug)]
@@ -108,16 +108,7 @@ pub fn run(args: DriveArgs) -> Result<ExitCode, String> {
         aux_region_at_end: None,
     };
     let violations = verify(args.seed, &writes, &acked, &report, &observed);
-    let acked_lost = report
-        .lost
-        .iter()
-        .filter(|entry| {
-            acked
-                .get((entry.seq - 1) as usize)
-                .copied()
-                .unwrap_or(false)
-        })
-        .count();
+    let acked_lost = acked_lost(&report, &acked);
     println!(
         "drive: seed {}: {} acked of {} sent; cut {}, {} recovered from the ring, {} lost ({acked_lost} of them acked): {}",
         args.seed,
