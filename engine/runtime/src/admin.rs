@@ -17,7 +17,7 @@ use glommio::net::{TcpListener, TcpStream};
 
 use crate::control::{self, Grant, Hello, NodeInfo, Purpose, Role};
 use crate::link::{PreparedQp, Side, Transport};
-use crate::transport::{RegionTable, TransportEvent};
+use crate::transport::{RegionDescriptor, RegionTable, TransportEvent};
 
 pub const ADMIN_REQUEST_BYTES_MAX: usize = 4096;
 /// A loss report lists at most one entry per table slot; 64 MiB covers 2^20 slots.
@@ -370,6 +370,28 @@ pub async fn connect_qp(
         .await
         .map_err(|error| format!("{addr}: {error}"))?;
     Ok((qp, grant))
+}
+
+/// Connects a queue pair to `addr` for `purpose` (see [`connect_qp`]), retrying every `pause`
+/// until it succeeds (logging failures as `log_as`), and returns it with the first region the
+/// peer granted (`what` names that region in the error when none was granted).
+pub async fn connect_granted(
+    (transport, events): (Transport, Sender<TransportEvent>),
+    addr: SocketAddr,
+    psk: &[u8],
+    (role, purpose, info): (Role, Purpose, NodeInfo),
+    (log_as, what): (&str, &str),
+    pause: Duration,
+) -> (PreparedQp, RegionDescriptor) {
+    keep_trying(log_as, pause, || async {
+        let (qp, grant) = connect_qp(&transport, &events, addr, psk, role, purpose, info).await?;
+        let region = *grant
+            .descriptors
+            .first()
+            .ok_or_else(|| format!("{addr} granted no {what}"))?;
+        Ok((qp, region))
+    })
+    .await
 }
 
 /// Runs `attempt` every `pause` until it succeeds, logging every 25th failure as `what`.

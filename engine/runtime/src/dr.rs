@@ -329,25 +329,16 @@ async fn connect_to_aux(
     info: NodeInfo,
     local: Sender<DrEvent>,
 ) {
-    let event = admin::keep_trying("dr: aux", Duration::from_millis(100), || async {
-        let (qp, grant) = admin::connect_qp(
-            &transport,
-            &events,
-            addr,
-            &psk,
-            Role::Dr,
-            Purpose::AuxWatch,
-            info,
-        )
-        .await?;
-        let table = *grant
-            .descriptors
-            .first()
-            .ok_or("the aux granted no status table")?;
-        Ok(DrEvent::AuxConnected { qp, table })
-    })
+    let (qp, table) = admin::connect_granted(
+        (transport, events),
+        addr,
+        &psk,
+        (Role::Dr, Purpose::AuxWatch, info),
+        ("dr: aux", "status table"),
+        Duration::from_millis(100),
+    )
     .await;
-    let _ = local.send(event).await;
+    let _ = local.send(DrEvent::AuxConnected { qp, table }).await;
 }
 
 fn handle_transport(node: &mut DrNode, event: TransportEvent, auto_failover: bool) {

@@ -409,25 +409,16 @@ async fn connect_to_aux(
     info: NodeInfo,
     local: Sender<PrimaryEvent>,
 ) {
-    let event = admin::keep_trying("primary: aux", Duration::from_millis(200), || async {
-        let (qp, grant) = admin::connect_qp(
-            &transport,
-            &events,
-            addr,
-            &psk,
-            Role::Primary,
-            Purpose::AuxTable,
-            info,
-        )
-        .await?;
-        let table = *grant
-            .descriptors
-            .first()
-            .ok_or("the aux granted no status table")?;
-        Ok(PrimaryEvent::AuxConnected { qp, table })
-    })
+    let (qp, table) = admin::connect_granted(
+        (transport, events),
+        addr,
+        &psk,
+        (Role::Primary, Purpose::AuxTable, info),
+        ("primary: aux", "status table"),
+        Duration::from_millis(200),
+    )
     .await;
-    let _ = local.send(event).await;
+    let _ = local.send(PrimaryEvent::AuxConnected { qp, table }).await;
 }
 
 const WR_AUX_ENTRIES: u64 = 0;
