@@ -93,14 +93,9 @@ pub async fn accept_loop(listener: TcpListener, context: AcceptContext) {
                 .peer_addr()
                 .map(|a| a.to_string())
                 .unwrap_or_else(|_| "?".into());
-            let regions = match transport.regions() {
-                Ok(regions) => regions,
-                Err(error) => {
-                    eprintln!("{}: cannot serve {peer}: {error}", our_role.name());
-                    return;
-                }
-            };
-            let table = regions.clone();
+            // The peer's region table (a protection domain on verbs) is made only once the peer
+            // has proven the key: an unauthenticated connection costs no device resources.
+            let mut regions: Option<Rc<RegionTable>> = None;
             let outcome = control::server_handshake(&mut stream, &psk, our_role, |hello| {
                 if hello.purpose == Purpose::Admin {
                     return if hello.role == Role::Admin {
@@ -115,12 +110,16 @@ pub async fn accept_loop(listener: TcpListener, context: AcceptContext) {
                         Err("admin connections come from the admin role".into())
                     };
                 }
+                let table = transport.regions()?;
+                regions = Some(table.clone());
                 decide(hello, &table)
             })
             .await;
-            match outcome {
-                Ok(hello) if hello.purpose == Purpose::Admin => serve_admin(stream, admin).await,
-                Ok(hello) => {
+            match (outcome, regions) {
+                (Ok(hello), _) if hello.purpose == Purpose::Admin => {
+                    serve_admin(stream, admin).await
+                }
+                (Ok(hello), Some(regions)) => {
                     match transport
                         .prepare(stream, regions.clone(), events, Side::Server)
                         .await
@@ -134,7 +133,8 @@ pub async fn accept_loop(listener: TcpListener, context: AcceptContext) {
                         ),
                     }
                 }
-                Err(error) => {
+                (Ok(_), None) => unreachable!("a granted connection has its region table"),
+                (Err(error), _) => {
                     eprintln!(
                         "{}: refused connection from {peer}: {error}",
                         our_role.name()
