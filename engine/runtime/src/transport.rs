@@ -178,24 +178,6 @@ impl RegionTable {
         }))
     }
 
-    /// Registers `len` bytes of `memory` with `access` rights; see [`RegionTable::try_register`].
-    ///
-    /// # Panics
-    /// When a verbs table cannot register the memory (the device refuses, the memory has no
-    /// [`RegionMemory::stable_span`]). A TCP table never fails; daemons on verbs call
-    /// `try_register` and report the error.
-    pub fn register(
-        &self,
-        memory: Rc<dyn RegionMemory>,
-        len: u64,
-        access: u32,
-    ) -> RegionDescriptor {
-        match self.try_register(memory, len, access) {
-            Ok(descriptor) => descriptor,
-            Err(error) => panic!("cannot register a region: {error}"),
-        }
-    }
-
     /// Registers `len` bytes of `memory` with `access` rights.
     ///
     /// TCP: the key is random, so a peer cannot guess another connection's key; the address is
