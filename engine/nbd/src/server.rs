@@ -32,14 +32,22 @@ pub struct ServerConfig {
     pub export_name: String,
     /// Size of the export; a multiple of `block_bytes`.
     pub size_bytes: u64,
-    /// Advertise `NBD_FLAG_READ_ONLY` and fail every WRITE with `NBD_EPERM`.
+    /// Advertise `NBD_FLAG_READ_ONLY` and fail every WRITE, WRITE_ZEROES and TRIM with
+    /// `NBD_EPERM`.
     pub read_only: bool,
-    /// Minimum and preferred block size: a power of two from 512 to 65536. READ and WRITE
-    /// offsets and lengths must be multiples of it (else `NBD_EINVAL`) whether or not the client
-    /// asked for `NBD_INFO_BLOCK_SIZE`, because the engine replicates whole blocks only.
+    /// Minimum and preferred block size: a power of two from 512 to 65536. Offsets and lengths
+    /// of READ, WRITE, WRITE_ZEROES and TRIM must be multiples of it (else `NBD_EINVAL`) whether
+    /// or not the client asked for `NBD_INFO_BLOCK_SIZE`, because the engine replicates whole
+    /// blocks only.
     pub block_bytes: u32,
-    /// Largest READ or WRITE length accepted; at least `block_bytes`.
+    /// Largest READ or WRITE length accepted; at least `block_bytes`. Only whole blocks can be
+    /// requested, so the limit advertised and enforced is this rounded down to whole blocks.
+    /// WRITE_ZEROES and TRIM carry no payload and are not limited by it.
     pub payload_bytes_max: u32,
+    /// Advertise `NBD_FLAG_CAN_MULTI_CONN`: the runtime promises that FLUSH and FUA cover the
+    /// writes answered on every connection to this export, so clients may spread their requests
+    /// over several connections.
+    pub multi_conn: bool,
 }
 
 /// A configuration that [`ServerSession::new`] refuses.
@@ -55,6 +63,9 @@ impl fmt::Display for ConfigError {
 impl std::error::Error for ConfigError {}
 
 /// What the runtime must do next, taken with [`ServerSession::poll_event`].
+///
+/// Every range is validated: whole blocks, inside the export, `len > 0`. A `fua` request
+/// (`NBD_CMD_FLAG_FUA`) must not be answered before what it wrote is durable.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Event {
     /// Read `len` bytes at `offset`, then call [`ServerSession::reply_read`] or `reply_error`.
@@ -64,6 +75,25 @@ pub enum Event {
         handle: u64,
         offset: u64,
         data: Vec<u8>,
+        fua: bool,
+    },
+    /// Write `len` zero bytes at `offset` (`NBD_CMD_WRITE_ZEROES`), then call `reply_ok` or
+    /// `reply_error`. The range must read back as zeroes; writing real zeroes always satisfies
+    /// the client's `NBD_CMD_FLAG_NO_HOLE`, which is therefore accepted and not reported.
+    WriteZeroes {
+        handle: u64,
+        offset: u64,
+        len: u32,
+        fua: bool,
+    },
+    /// The client no longer needs `len` bytes at `offset` (`NBD_CMD_TRIM`). A hint: the runtime
+    /// may discard the range or leave it as is, then call `reply_ok` or `reply_error`. The
+    /// client assumes nothing about the range's contents until it writes it again.
+    Trim {
+        handle: u64,
+        offset: u64,
+        len: u32,
+        fua: bool,
     },
     /// Make every write already answered durable, then reply.
     Flush { handle: u64 },
@@ -167,6 +197,7 @@ enum Input {
         handle: u64,
         offset: u64,
         len: usize,
+        fua: bool,
     },
     /// Data to discard; for an option, `NBD_REP_ERR_TOO_BIG` is sent once it is skipped.
     Skip {
@@ -179,9 +210,22 @@ enum Input {
 /// A request handed to the runtime and not yet answered.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Pending {
-    Read { len: u32 },
-    Write,
-    Flush,
+    /// Success carries the data; a structured reply also repeats the offset.
+    Read { offset: u64, len: u32 },
+    /// WRITE, WRITE_ZEROES, TRIM or FLUSH: success carries no data.
+    NoData,
+}
+
+/// Why the session answers a request with an error instead of handing it to the runtime.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Refusal {
+    error: NbdError,
+    /// For a human; sent with the error when structured replies are negotiated.
+    message: &'static str,
+}
+
+fn refuse(error: NbdError, message: &'static str) -> Refusal {
+    Refusal { error, message }
 }
 
 /// The server side of one NBD connection, fed with bytes and drained of bytes and events.
@@ -192,15 +236,22 @@ enum Pending {
 /// unanswered requests (4096) are at their limits, so the runtime must keep unconsumed bytes,
 /// take events, send output, and retry. Output also grows by the READ data the runtime replies
 /// with, which only the runtime can bound: it must keep draining output.
+///
+/// Reply style: simple replies unless the client negotiated `NBD_OPT_STRUCTURED_REPLY`. After
+/// that, a successful READ is one `NBD_REPLY_TYPE_OFFSET_DATA` chunk flagged DONE, every error
+/// (from the runtime or from validation, for any command) one `NBD_REPLY_TYPE_ERROR` chunk
+/// flagged DONE, and the success of any other command a simple reply: the spec requires
+/// structured replies for READ and for anything with a payload, allows either style otherwise,
+/// and prefers structured errors because they carry a message.
 pub struct ServerSession {
     config: ServerConfig,
-    transmission_flags: u16,
     input: Input,
     head: [u8; REQUEST_HEADER_BYTES],
     head_len: usize,
     body: Vec<u8>,
     no_zeroes: bool,
     options_seen: u32,
+    structured_replies: bool,
     transmitting: bool,
     out: Vec<u8>,
     out_start: usize,
@@ -213,6 +264,7 @@ impl fmt::Debug for ServerSession {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("ServerSession")
             .field("input", &self.input)
+            .field("structured_replies", &self.structured_replies)
             .field("pending_requests", &self.pending.len())
             .field("output_pending_bytes", &self.output_pending_bytes())
             .field("events", &self.events.len())
@@ -226,19 +278,15 @@ impl ServerSession {
         if let Some(why) = config_refusal(&config) {
             return Err(ConfigError(why));
         }
-        let mut transmission_flags = FLAG_HAS_FLAGS | FLAG_SEND_FLUSH;
-        if config.read_only {
-            transmission_flags |= FLAG_READ_ONLY;
-        }
         let mut session = Self {
             config,
-            transmission_flags,
             input: Input::ClientFlags,
             head: [0; REQUEST_HEADER_BYTES],
             head_len: 0,
             body: Vec::new(),
             no_zeroes: false,
             options_seen: 0,
+            structured_replies: false,
             transmitting: false,
             out: Vec::with_capacity(256),
             out_start: 0,
@@ -316,13 +364,14 @@ impl ServerSession {
         Some(event)
     }
 
-    /// Answers a WRITE or FLUSH with success.
+    /// Answers a WRITE, WRITE_ZEROES, TRIM or FLUSH with success.
     pub fn reply_ok(&mut self, handle: u64) -> Result<(), ReplyError> {
         match self.pending.get(&handle) {
             None => Err(ReplyError::UnknownHandle(handle)),
             Some(Pending::Read { .. }) => Err(ReplyError::WrongKind(handle)),
-            Some(Pending::Write | Pending::Flush) => {
+            Some(Pending::NoData) => {
                 self.pending.remove(&handle);
+                // A simple reply is allowed in both styles for a success without payload.
                 self.put_simple_reply(handle, 0);
                 Ok(())
             }
@@ -330,22 +379,36 @@ impl ServerSession {
     }
 
     /// Answers a READ with its data, which must have exactly the requested length: a simple
-    /// reply carries no length, so any other length would desynchronise the client.
+    /// reply carries no length, so any other length would desynchronise the client, and a
+    /// structured reply must cover the whole range on success.
     pub fn reply_read(&mut self, handle: u64, data: &[u8]) -> Result<(), ReplyError> {
         match self.pending.get(&handle) {
             None => Err(ReplyError::UnknownHandle(handle)),
-            Some(Pending::Write | Pending::Flush) => Err(ReplyError::WrongKind(handle)),
-            Some(&Pending::Read { len }) if usize_from(len) != data.len() => {
+            Some(Pending::NoData) => Err(ReplyError::WrongKind(handle)),
+            Some(&Pending::Read { len, .. }) if usize_from(len) != data.len() => {
                 Err(ReplyError::ReadLengthMismatch {
                     handle,
                     expected: len,
                     actual: data.len(),
                 })
             }
-            Some(Pending::Read { .. }) => {
+            Some(&Pending::Read { offset, .. }) => {
                 self.pending.remove(&handle);
-                self.put_simple_reply(handle, 0);
-                self.out.extend_from_slice(data);
+                if self.structured_replies {
+                    // One chunk for the whole range, so NBD_CMD_FLAG_DF is always honoured. The
+                    // data is complete before the chunk starts, so no error can follow it and
+                    // the chunk may carry DONE itself.
+                    put_chunk(
+                        &mut self.out,
+                        REPLY_FLAG_DONE,
+                        REPLY_TYPE_OFFSET_DATA,
+                        handle,
+                        &[&offset.to_be_bytes(), data],
+                    );
+                } else {
+                    self.put_simple_reply(handle, 0);
+                    self.out.extend_from_slice(data);
+                }
                 Ok(())
             }
         }
@@ -356,7 +419,7 @@ impl ServerSession {
         self.pending
             .remove(&handle)
             .ok_or(ReplyError::UnknownHandle(handle))?;
-        self.put_simple_reply(handle, error.code());
+        self.put_error_reply(handle, refuse(error, error.message()));
         Ok(())
     }
 
@@ -376,15 +439,50 @@ impl ServerSession {
         self.transmitting
     }
 
+    /// True once the client negotiated `NBD_OPT_STRUCTURED_REPLY`; it cannot change after the
+    /// handshake.
+    pub fn structured_replies(&self) -> bool {
+        self.structured_replies
+    }
+
     /// True once no more input will be parsed (disconnect, abort or protocol error). Replies to
     /// pending requests are still accepted; close after they and the output are done.
     pub fn is_closed(&self) -> bool {
         self.input == Input::Closed
     }
 
-    /// The transmission flags this session advertises.
+    /// The transmission flags this session advertises (fixed once transmission starts).
+    ///
+    /// FUA, TRIM and WRITE_ZEROES are advertised even on a read-only export, where they are
+    /// refused with `NBD_EPERM` as the spec asks. `NBD_FLAG_SEND_DF` follows structured replies:
+    /// the spec requires it whenever READ accepts `NBD_CMD_FLAG_DF` and forbids it without
+    /// structured replies. `NBD_FLAG_SEND_FAST_ZERO` is never set: the runtime cannot tell
+    /// whether zeroing is faster than writing, and refusing the flag with `NBD_EINVAL` is what
+    /// the spec asks of a server that does not advertise it.
     pub fn transmission_flags(&self) -> u16 {
-        self.transmission_flags
+        let mut flags = FLAG_HAS_FLAGS
+            | FLAG_SEND_FLUSH
+            | FLAG_SEND_FUA
+            | FLAG_SEND_TRIM
+            | FLAG_SEND_WRITE_ZEROES;
+        if self.config.read_only {
+            flags |= FLAG_READ_ONLY;
+        }
+        if self.config.multi_conn {
+            flags |= FLAG_CAN_MULTI_CONN;
+        }
+        if self.structured_replies {
+            flags |= FLAG_SEND_DF;
+        }
+        flags
+    }
+
+    /// Largest READ or WRITE length: `payload_bytes_max` in whole blocks. Advertising a maximum
+    /// that is not a multiple of the minimum block would also make libnbd ignore all three
+    /// constraints.
+    fn payload_bytes_max(&self) -> u32 {
+        let block_bytes = self.config.block_bytes;
+        self.config.payload_bytes_max - self.config.payload_bytes_max % block_bytes
     }
 
     /// Upper bound of the bytes held for parsing, for invariant checks.
@@ -420,17 +518,21 @@ impl ServerSession {
                 handle,
                 offset,
                 len,
+                fua,
             } => {
                 let (take, done) = self.fill_body(input, len);
+                // A WRITE whose payload never completes (the client vanished) is neither
+                // pending nor reported: nothing was acknowledged, so nothing is lost.
                 if done {
                     let data = std::mem::take(&mut self.body);
                     self.input = Input::Request;
-                    self.pending.insert(handle, Pending::Write);
+                    self.pending.insert(handle, Pending::NoData);
                     self.events_write_bytes += data.len();
                     self.events.push_back(Event::Write {
                         handle,
                         offset,
                         data,
+                        fua,
                     });
                 }
                 take
@@ -527,7 +629,7 @@ impl ServerSession {
     fn on_option(&mut self, option: u32, data: &[u8]) {
         match option {
             OPT_EXPORT_NAME if self.is_our_export(data) => {
-                let (size, flags) = (self.config.size_bytes, self.transmission_flags);
+                let (size, flags) = (self.config.size_bytes, self.transmission_flags());
                 put(&mut self.out, &[&size.to_be_bytes(), &flags.to_be_bytes()]);
                 if !self.no_zeroes {
                     self.out.extend_from_slice(&[0; EXPORT_NAME_ZEROES_BYTES]);
@@ -547,28 +649,54 @@ impl ServerSession {
                 Some((name, _)) if !self.is_our_export(name) => {
                     self.option_reply(option, REP_ERR_UNKNOWN);
                 }
-                Some((_, block_size_wanted)) => {
-                    let (size, flags) = (self.config.size_bytes, self.transmission_flags);
+                Some((_, infos_wanted)) => {
+                    let (size, flags) = (self.config.size_bytes, self.transmission_flags());
                     let export = [
                         &INFO_EXPORT.to_be_bytes()[..],
                         &size.to_be_bytes(),
                         &flags.to_be_bytes(),
                     ];
                     put_option_reply(&mut self.out, option, REP_INFO, &export);
-                    if block_size_wanted {
-                        // Minimum and preferred block are both `block_bytes`: the engine works
-                        // in whole blocks, so smaller or unaligned requests are refused anyway.
-                        let block = self.config.block_bytes.to_be_bytes();
-                        let payload = self.config.payload_bytes_max.to_be_bytes();
-                        let sizes = [&INFO_BLOCK_SIZE.to_be_bytes()[..], &block, &block, &payload];
-                        put_option_reply(&mut self.out, option, REP_INFO, &sizes);
+                    if infos_wanted.contains(&INFO_NAME) {
+                        // The canonical name, which tells a client of the default export ("")
+                        // what it is connected to.
+                        let name = self.config.export_name.as_bytes();
+                        let info = [&INFO_NAME.to_be_bytes()[..], name];
+                        put_option_reply(&mut self.out, option, REP_INFO, &info);
                     }
+                    // NBD_INFO_DESCRIPTION is not answered: there is no description to give,
+                    // and the spec lets a server omit any information but NBD_INFO_EXPORT.
+                    //
+                    // The block sizes go out even unasked: the spec says a server with other
+                    // than the default constraints SHOULD advertise them and MAY send
+                    // information unasked. Minimum and preferred block are both `block_bytes`:
+                    // the engine works in whole blocks, so smaller or unaligned requests are
+                    // refused with NBD_EINVAL anyway, asked or not.
+                    let block = self.config.block_bytes.to_be_bytes();
+                    let payload = self.payload_bytes_max().to_be_bytes();
+                    let sizes = [&INFO_BLOCK_SIZE.to_be_bytes()[..], &block, &block, &payload];
+                    put_option_reply(&mut self.out, option, REP_INFO, &sizes);
                     self.option_reply(option, REP_ACK);
                     if option == OPT_GO {
                         self.enter_transmission();
                     }
                 }
             },
+            // The spec: no data allowed, and a server SHOULD reject data with
+            // NBD_REP_ERR_INVALID. Asking twice is harmless.
+            OPT_STRUCTURED_REPLY if !data.is_empty() => {
+                self.option_reply(option, REP_ERR_INVALID);
+            }
+            OPT_STRUCTURED_REPLY => {
+                self.structured_replies = true;
+                self.option_reply(option, REP_ACK);
+            }
+            // Contexts serve only NBD_CMD_BLOCK_STATUS, which is not implemented. The spec names
+            // NBD_REP_ERR_UNSUP as the answer of a server without the option; qemu and libnbd
+            // then go on to NBD_OPT_GO without contexts (and never send BLOCK_STATUS).
+            OPT_LIST_META_CONTEXT | OPT_SET_META_CONTEXT => {
+                self.option_reply(option, REP_ERR_UNSUP);
+            }
             _ => self.option_reply(option, REP_ERR_UNSUP),
         }
     }
@@ -592,18 +720,21 @@ impl ServerSession {
         if self.pending.contains_key(&handle) {
             return self.fail(ProtocolError::DuplicateHandle(handle));
         }
+        // Only WRITE carries a payload, whatever its flags: the payload-length flag of extended
+        // headers is refused like any unknown flag, since extended headers are never negotiated.
         let payload_bytes = if kind == CMD_WRITE {
             usize_from(len)
         } else {
             0
         };
         let skip_bytes_max = WRITE_SKIP_BYTES_MAX.max(usize_from(self.config.payload_bytes_max));
+        let fua = flags & CMD_FLAG_FUA != 0;
         match self.check_request(flags, kind, offset, len) {
             Err(_) if payload_bytes > skip_bytes_max => {
                 self.fail(ProtocolError::WritePayloadTooLong(len));
             }
-            Err(error) => {
-                self.put_simple_reply(handle, error.code());
+            Err(refusal) => {
+                self.put_error_reply(handle, refusal);
                 if payload_bytes > 0 {
                     self.input = Input::Skip {
                         remaining: payload_bytes,
@@ -611,62 +742,117 @@ impl ServerSession {
                     };
                 }
             }
-            Ok(()) if kind == CMD_WRITE => {
-                assert!(payload_bytes > 0, "a valid write has a payload");
-                self.body = Vec::with_capacity(payload_bytes);
-                self.input = Input::WriteData {
-                    handle,
-                    offset,
-                    len: payload_bytes,
-                };
-            }
-            Ok(()) if kind == CMD_READ => {
-                self.pending.insert(handle, Pending::Read { len });
-                self.events.push_back(Event::Read {
-                    handle,
-                    offset,
-                    len,
-                });
-            }
-            Ok(()) => {
-                self.pending.insert(handle, Pending::Flush);
-                self.events.push_back(Event::Flush { handle });
-            }
+            Ok(()) => match kind {
+                CMD_WRITE => {
+                    assert!(payload_bytes > 0, "a valid write has a payload");
+                    self.body = Vec::with_capacity(payload_bytes);
+                    self.input = Input::WriteData {
+                        handle,
+                        offset,
+                        len: payload_bytes,
+                        fua,
+                    };
+                }
+                CMD_READ => {
+                    // FUA on a READ is valid but meaningless: a READ writes nothing.
+                    self.pending.insert(handle, Pending::Read { offset, len });
+                    self.events.push_back(Event::Read {
+                        handle,
+                        offset,
+                        len,
+                    });
+                }
+                CMD_WRITE_ZEROES => {
+                    self.pending.insert(handle, Pending::NoData);
+                    self.events.push_back(Event::WriteZeroes {
+                        handle,
+                        offset,
+                        len,
+                        fua,
+                    });
+                }
+                CMD_TRIM => {
+                    self.pending.insert(handle, Pending::NoData);
+                    self.events.push_back(Event::Trim {
+                        handle,
+                        offset,
+                        len,
+                        fua,
+                    });
+                }
+                _ => {
+                    // FUA on a FLUSH asks for nothing a FLUSH does not already do.
+                    assert_eq!(kind, CMD_FLUSH, "check_request admits no other command");
+                    self.pending.insert(handle, Pending::NoData);
+                    self.events.push_back(Event::Flush { handle });
+                }
+            },
         }
     }
 
     /// Decides whether a well-framed request goes to the runtime or is refused here.
     ///
-    /// READ and WRITE must be aligned to `block_bytes` in offset and length even when the client
-    /// did not ask for `NBD_INFO_BLOCK_SIZE`: the engine replicates whole blocks only. The spec
-    /// lets a server with non-default constraints cleanly error such requests.
-    fn check_request(&self, flags: u16, kind: u16, offset: u64, len: u32) -> Result<(), NbdError> {
-        if flags != 0 {
-            // No command flag is valid: FUA and the others are not advertised.
-            return Err(NbdError::Invalid);
+    /// The spec's rules, in the order they are checked:
+    /// - Unknown commands, and BLOCK_STATUS (no metadata context can have been selected): EINVAL.
+    /// - A flag unknown or not documented for the command: EINVAL. FUA is valid on every
+    ///   command once advertised (the server must accept it, if need be by ignoring it);
+    ///   NO_HOLE on WRITE_ZEROES only; DF on READ only, and only with structured replies
+    ///   (that is when SEND_DF is advertised). FAST_ZERO is not advertised, so EINVAL.
+    /// - FLUSH must have offset and length 0.
+    /// - WRITE, WRITE_ZEROES and TRIM on a read-only export: EPERM.
+    /// - Offset and length must be multiples of `block_bytes` even when the client did not ask
+    ///   for `NBD_INFO_BLOCK_SIZE`: the engine replicates whole blocks only, and the spec lets a
+    ///   server with non-default constraints cleanly error such requests (EINVAL). A length of 0
+    ///   is unspecified by the spec (the server should not disconnect): EINVAL.
+    /// - READ and WRITE must not exceed the maximum payload (EINVAL). WRITE_ZEROES and TRIM
+    ///   carry no payload; the spec lets clients exceed the maximum for them, so they are only
+    ///   limited by the 32-bit length field.
+    /// - The range must lie inside the export: ENOSPC for WRITE and WRITE_ZEROES, EINVAL for
+    ///   READ and TRIM, as the spec asks.
+    fn check_request(&self, flags: u16, kind: u16, offset: u64, len: u32) -> Result<(), Refusal> {
+        let flags_valid = match kind {
+            CMD_READ if self.structured_replies => CMD_FLAG_FUA | CMD_FLAG_DF,
+            CMD_READ | CMD_WRITE | CMD_TRIM | CMD_FLUSH => CMD_FLAG_FUA,
+            CMD_WRITE_ZEROES => CMD_FLAG_FUA | CMD_FLAG_NO_HOLE,
+            _ => return Err(refuse(NbdError::Invalid, "unsupported command")),
+        };
+        if flags & !flags_valid != 0 {
+            let message = "command flag unknown or not valid for this command";
+            return Err(refuse(NbdError::Invalid, message));
         }
-        match kind {
-            CMD_FLUSH if offset == 0 && len == 0 => Ok(()),
-            CMD_READ | CMD_WRITE => {
-                if kind == CMD_WRITE && self.config.read_only {
-                    return Err(NbdError::Perm);
-                }
-                let block_bytes = u64::from(self.config.block_bytes);
-                if len == 0
-                    || len > self.config.payload_bytes_max
-                    || offset % block_bytes != 0
-                    || u64::from(len) % block_bytes != 0
-                {
-                    return Err(NbdError::Invalid);
-                }
-                match offset.checked_add(u64::from(len)) {
-                    Some(end) if end <= self.config.size_bytes => Ok(()),
-                    // The spec asks for ENOSPC on writes and EINVAL on reads beyond the end.
-                    _ if kind == CMD_WRITE => Err(NbdError::NoSpace),
-                    _ => Err(NbdError::Invalid),
-                }
+        if kind == CMD_FLUSH {
+            if offset != 0 || len != 0 {
+                let message = "flush with a non-zero offset or length";
+                return Err(refuse(NbdError::Invalid, message));
             }
-            _ => Err(NbdError::Invalid),
+            return Ok(());
+        }
+        if kind != CMD_READ && self.config.read_only {
+            return Err(refuse(NbdError::Perm, "export is read-only"));
+        }
+        if len == 0 {
+            return Err(refuse(NbdError::Invalid, "zero-length request"));
+        }
+        let block_bytes = u64::from(self.config.block_bytes);
+        if offset % block_bytes != 0 || u64::from(len) % block_bytes != 0 {
+            let message = "request not aligned to the export's block size";
+            return Err(refuse(NbdError::Invalid, message));
+        }
+        let carries_payload = kind == CMD_READ || kind == CMD_WRITE;
+        if carries_payload && len > self.payload_bytes_max() {
+            let message = "request longer than the maximum payload";
+            return Err(refuse(NbdError::Invalid, message));
+        }
+        match offset.checked_add(u64::from(len)) {
+            Some(end) if end <= self.config.size_bytes => Ok(()),
+            _ if kind == CMD_WRITE || kind == CMD_WRITE_ZEROES => Err(refuse(
+                NbdError::NoSpace,
+                "write beyond the end of the export",
+            )),
+            _ => Err(refuse(
+                NbdError::Invalid,
+                "request beyond the end of the export",
+            )),
         }
     }
 
@@ -695,6 +881,32 @@ impl ServerSession {
         put(
             &mut self.out,
             &[&magic, &error.to_be_bytes(), &handle.to_be_bytes()],
+        );
+    }
+
+    /// An error reply in the negotiated style: structured, with its message, whenever
+    /// structured replies were negotiated (required for READ, preferred by the spec for the
+    /// rest); else simple, where a READ error carries no data.
+    fn put_error_reply(&mut self, handle: u64, refusal: Refusal) {
+        if !self.structured_replies {
+            return self.put_simple_reply(handle, refusal.error.code());
+        }
+        let message = refusal.message.as_bytes();
+        assert!(
+            message.len() <= STRING_BYTES_MAX,
+            "error messages are short"
+        );
+        let message_len = u16::try_from(message.len()).unwrap_or(u16::MAX);
+        put_chunk(
+            &mut self.out,
+            REPLY_FLAG_DONE,
+            REPLY_TYPE_ERROR,
+            handle,
+            &[
+                &refusal.error.code().to_be_bytes(),
+                &message_len.to_be_bytes(),
+                message,
+            ],
         );
     }
 }
@@ -737,9 +949,29 @@ fn put_option_reply(out: &mut Vec<u8>, option: u32, reply_type: u32, parts: &[&[
     put(out, parts);
 }
 
-/// Splits `NBD_OPT_INFO`/`NBD_OPT_GO` data into the export name and whether
-/// `NBD_INFO_BLOCK_SIZE` was requested; `None` if the lengths do not add up exactly.
-fn parse_info_request(data: &[u8]) -> Option<(&[u8], bool)> {
+/// One structured reply chunk: header, then the payload `parts`.
+fn put_chunk(out: &mut Vec<u8>, flags: u16, chunk_type: u16, handle: u64, parts: &[&[u8]]) {
+    let len: usize = parts.iter().map(|part| part.len()).sum();
+    // READ lengths are whole blocks of at least 512 bytes, so even the largest leaves room
+    // for the 8-byte offset in the 32-bit chunk length.
+    let len = u32::try_from(len).expect("a validated reply fits a chunk");
+    let magic = STRUCTURED_REPLY_MAGIC.to_be_bytes();
+    put(
+        out,
+        &[
+            &magic,
+            &flags.to_be_bytes(),
+            &chunk_type.to_be_bytes(),
+            &handle.to_be_bytes(),
+            &len.to_be_bytes(),
+        ],
+    );
+    put(out, parts);
+}
+
+/// Splits `NBD_OPT_INFO`/`NBD_OPT_GO` data into the export name and the information types
+/// requested; `None` if the lengths do not add up exactly.
+fn parse_info_request(data: &[u8]) -> Option<(&[u8], Vec<u16>)> {
     let name_len = usize_from(be_u32(data.get(..4)?, 0));
     let rest = &data[4..];
     let name = rest.get(..name_len)?;
@@ -749,8 +981,6 @@ fn parse_info_request(data: &[u8]) -> Option<(&[u8], bool)> {
     if list.len() != count.checked_mul(2)? {
         return None;
     }
-    let block_size_wanted = list
-        .chunks_exact(2)
-        .any(|info| be_u16(info, 0) == INFO_BLOCK_SIZE);
-    Some((name, block_size_wanted))
+    let infos = list.chunks_exact(2).map(|info| be_u16(info, 0)).collect();
+    Some((name, infos))
 }
