@@ -93,6 +93,41 @@ pub fn device_size_bytes(path: &Path) -> Result<u64, String> {
         .map_err(|error| format!("cannot size volume {}: {error}", path.display()))
 }
 
+/// Bytes [`fill_hole_at_start`] writes: the largest logical block size there is.
+const PROBE_BLOCK_BYTES: usize = 4096;
+
+/// Makes sure the first block of a regular file is allocated, writing zeroes (what a hole reads
+/// as, so nothing changes) if it is a hole.
+///
+/// Why: glommio decides whether a device supports polled I/O (`IORING_SETUP_IOPOLL`) by one
+/// direct read at offset 0 of the first file it opens on it. A hole there is answered by the
+/// file system without reaching the device, so the probe succeeds even on a device without poll
+/// queues (`/sys/block/*/queue/io_poll` = 0), and every later read of real data then fails with
+/// `EOPNOTSUPP`. Seen on ext4 over virtio-blk with a sparse volume file; block devices have no
+/// holes.
+fn fill_hole_at_start(path: &Path) -> Result<(), String> {
+    use std::os::unix::fs::FileExt;
+    use std::os::unix::io::AsRawFd;
+    let fail = |error: std::io::Error| format!("cannot prepare volume {}: {error}", path.display());
+    let file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)
+        .map_err(fail)?;
+    let metadata = file.metadata().map_err(fail)?;
+    if !metadata.is_file() || metadata.len() < PROBE_BLOCK_BYTES as u64 {
+        return Ok(());
+    }
+    // SAFETY: lseek on a descriptor we own; it reads no memory of ours.
+    let data_at = unsafe { libc::lseek(file.as_raw_fd(), 0, libc::SEEK_DATA) };
+    if data_at == 0 {
+        return Ok(());
+    }
+    file.write_all_at(&[0u8; PROBE_BLOCK_BYTES], 0)
+        .map_err(fail)?;
+    file.sync_data().map_err(fail)
+}
+
 /// A volume written and read with direct I/O.
 #[derive(Debug)]
 pub struct Volume {
@@ -105,6 +140,7 @@ impl Volume {
     /// the device's direct-I/O alignment (O_DIRECT refuses smaller or misaligned writes).
     pub async fn open(path: &Path, sector_bytes: u32) -> Result<Volume, String> {
         let size_bytes = device_size_bytes(path)?;
+        fill_hole_at_start(path)?;
         let file = glommio::io::OpenOptions::new()
             .read(true)
             .write(true)
@@ -144,23 +180,42 @@ impl Volume {
         events: &crate::Sender<E>,
         done: impl FnOnce(Result<(), String>) -> E + 'static,
     ) {
-        let mut buffer = self.file.alloc_dma_buffer(bytes.len());
-        buffer.as_bytes_mut().copy_from_slice(bytes);
+        let buffer = self.dma_copy(bytes);
         let (volume, events) = (self.clone(), events.clone());
-        let len = bytes.len();
         glommio::spawn_local(async move {
-            let result = match volume.file.write_at(buffer, offset).await {
-                Ok(written) if written == len => Ok(()),
-                Ok(written) => Err(format!(
-                    "volume write at {offset} was short: {written} of {len} bytes (disk full?)"
-                )),
-                Err(error) => Err(format!(
-                    "volume write of {len} bytes at {offset} failed: {error}"
-                )),
-            };
+            let result = volume.write_buffer(buffer, offset).await;
             let _ = events.send(done(result)).await;
         })
         .detach();
+    }
+
+    /// Writes `bytes` at `offset` (both sector-aligned) and returns once the write finished.
+    pub async fn write_at(&self, offset: u64, bytes: &[u8]) -> Result<(), String> {
+        self.write_buffer(self.dma_copy(bytes), offset).await
+    }
+
+    /// Copies `bytes` into an aligned direct-I/O buffer.
+    fn dma_copy(&self, bytes: &[u8]) -> glommio::io::DmaBuffer {
+        let mut buffer = self.file.alloc_dma_buffer(bytes.len());
+        buffer.as_bytes_mut().copy_from_slice(bytes);
+        buffer
+    }
+
+    async fn write_buffer(
+        &self,
+        buffer: glommio::io::DmaBuffer,
+        offset: u64,
+    ) -> Result<(), String> {
+        let len = buffer.len();
+        match self.file.write_at(buffer, offset).await {
+            Ok(written) if written == len => Ok(()),
+            Ok(written) => Err(format!(
+                "volume write at {offset} was short: {written} of {len} bytes (disk full?)"
+            )),
+            Err(error) => Err(format!(
+                "volume write of {len} bytes at {offset} failed: {error}"
+            )),
+        }
     }
 
     pub async fn read(&self, offset: u64, len: usize) -> Result<Vec<u8>, String> {
