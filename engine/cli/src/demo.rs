@@ -283,6 +283,8 @@ pub fn run_once(args: &DemoArgs, exe: &Path, seed: u64, dir: &Path) -> Result<Ru
         path("dr.vol"),
         "--aux".into(),
         aux_addr.to_string(),
+        "--nbd-listen".into(),
+        "127.0.0.1:0".into(),
     ]);
     let (mut dr, addrs) = spawn(exe, &dr_args, &dir.join("dr.log"), &["listening on"])?;
     let dr_addr = addrs[0];

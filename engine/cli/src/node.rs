@@ -134,6 +134,10 @@ pub struct DrArgs {
     /// Do not fail over by itself when the aux reports the primary lost.
     #[arg(long)]
     pub no_auto_failover: bool,
+    /// Once promoted by a failover, serve the volume over NBD here (read-write); nothing is
+    /// served before.
+    #[arg(long, default_value = "127.0.0.1:10810")]
+    pub nbd_listen: SocketAddr,
 }
 
 #[derive(Args, Debug)]
@@ -239,7 +243,14 @@ pub fn primary(args: PrimaryArgs) -> Result<ExitCode, String> {
     let nbd_listen = args.nbd_listen;
     run_on_executor("ordinal-primary", args.shared.cpu, move || async move {
         run_primary(options, move |handle| {
-            glommio::spawn_local(ordinal_runtime::nbd::serve(nbd_listen, handle)).detach();
+            let export = ordinal_runtime::nbd::Export::Primary(handle);
+            glommio::spawn_local(async move {
+                if let Err(error) = ordinal_runtime::nbd::serve(nbd_listen, export).await {
+                    eprintln!("primary: {error}");
+                    std::process::exit(2);
+                }
+            })
+            .detach();
         })
         .await
     })
@@ -259,6 +270,7 @@ pub fn dr(args: DrArgs) -> Result<ExitCode, String> {
         auto_failover: !args.no_auto_failover,
         applies_inflight_max: 16,
         transport: args.shared.transport()?,
+        nbd_listen: Some(args.nbd_listen),
     };
     run_on_executor("ordinal-dr", args.shared.cpu, move || run_dr(options))
 }

@@ -39,6 +39,10 @@ pub struct DrOptions {
     pub auto_failover: bool,
     pub applies_inflight_max: usize,
     pub transport: TransportChoice,
+    /// Once promoted, serve the volume over NBD here (read-write), so clients of the failed
+    /// primary reconnect to the DR and carry on. Nothing is served before promotion: the
+    /// replica changes under a reader, and a client must not write it.
+    pub nbd_listen: Option<SocketAddr>,
 }
 
 /// Local events of the DR loop.
@@ -141,10 +145,27 @@ pub async fn run_dr(options: DrOptions) -> Result<(), String> {
         report_json: None,
         geometry,
     }));
+    let serve_promoted = |volume: &Rc<Volume>| {
+        if let Some(listen) = options.nbd_listen {
+            let export = crate::nbd::Export::Promoted {
+                volume: volume.clone(),
+                geometry,
+            };
+            glommio::spawn_local(async move {
+                // The DR stays promoted either way; the operator can fix the address and
+                // restart it (a restarted promoted DR serves at once).
+                if let Err(error) = crate::nbd::serve(listen, export).await {
+                    eprintln!("dr: {error}");
+                }
+            })
+            .detach();
+        }
+    };
     if node.borrow().dr.role() == DrRole::Promoted {
         node.borrow_mut().failover = Failover::Done;
         let report = std::fs::read_to_string(options.state_dir.join("loss-report.json")).ok();
         node.borrow_mut().report_json = report;
+        serve_promoted(&node.borrow().volume);
     }
 
     let listener = TcpListener::bind(options.listen)
@@ -318,7 +339,7 @@ pub async fn run_dr(options: DrOptions) -> Result<(), String> {
             connect_aux(node);
         }
         advance_failover(node);
-        execute_actions(node, &senders.local, &report_path)?;
+        execute_actions(node, &senders.local, &report_path, &serve_promoted)?;
     }
 }
 
@@ -464,6 +485,7 @@ fn execute_actions(
     node: &mut DrNode,
     local: &Sender<DrEvent>,
     report_path: &std::path::Path,
+    on_promoted: &dyn Fn(&Rc<Volume>),
 ) -> Result<(), String> {
     let actions: Vec<DrAction> = node.dr.drain_actions().collect();
     for action in actions {
@@ -508,6 +530,7 @@ fn execute_actions(
                     report_path.display()
                 );
                 node.failover = Failover::Done;
+                on_promoted(&node.volume);
                 for waiter in node.failover_waiters.drain(..) {
                     let _ = waiter.try_send(report.clone());
                 }

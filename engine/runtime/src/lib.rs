@@ -11,7 +11,17 @@
 //! - `verbs` (feature `verbs`): the same boundary on an RDMA device (RC queue pairs);
 //! - [`control`]: connection setup, pre-shared-key authentication, region descriptors;
 //! - [`storage`]: volumes (direct I/O) and memory-mapped region files;
-//! - [`primary`], [`dr`], [`aux`]: the three daemons; [`admin`]: status and failover requests.
+//! - [`primary`], [`dr`], [`aux`]: the three daemons; [`admin`]: status and failover requests;
+//! - [`nbd`]: the NBD export of the primary, and of the DR once promoted.
+//!
+//! # Embedding
+//!
+//! An appliance that links ordinal runs the primary on a glommio executor of its own with
+//! [`primary::run_primary`] and gets a [`primary::PrimaryHandle`]: `write` (acknowledged as the
+//! mode says), `read`, `flush` (what it guarantees is documented on it), `status`, and
+//! `subscribe` for link changes and for the primary being fenced by a failover. Code on other
+//! executors or threads talks to it through channels. `examples/embed.rs` runs a whole system
+//! in one process that way, fails over under it, and is run by `cargo test`.
 //!
 //! What this crate is not: it holds no protocol logic; the decisions are all `ordinal-proto`'s.
 
@@ -28,6 +38,41 @@ pub mod transport;
 pub mod verbs;
 
 use std::sync::OnceLock;
+
+/// Runs `body` on a glommio executor on a new thread named `name` (thread-per-core: each role
+/// owns one executor, as each daemon does in its own process), optionally spinning that long
+/// before it parks. An error `body` returns is printed with the name.
+pub fn spawn_executor<F, Fut>(
+    name: &str,
+    spin_before_park: Option<std::time::Duration>,
+    body: F,
+) -> Result<std::thread::JoinHandle<()>, String>
+where
+    F: FnOnce() -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = Result<(), String>> + 'static,
+{
+    let thread_name = name.to_string();
+    let name = name.to_string();
+    std::thread::Builder::new()
+        .name(name.clone())
+        .spawn(move || {
+            let name = thread_name.as_str();
+            let mut builder =
+                glommio::LocalExecutorBuilder::new(glommio::Placement::Unbound).name(name);
+            if let Some(spin) = spin_before_park {
+                builder = builder.spin_before_park(spin);
+            }
+            match builder.make() {
+                Ok(executor) => {
+                    if let Err(error) = executor.run(body()) {
+                        eprintln!("{name}: stopped: {error}");
+                    }
+                }
+                Err(error) => eprintln!("{name}: cannot start the io_uring executor: {error}"),
+            }
+        })
+        .map_err(|error| format!("cannot start thread {name}: {error}"))
+}
 
 /// A sending end of a glommio local channel, shared by the tasks that feed one loop.
 pub type Sender<T> = std::rc::Rc<glommio::channels::local_channel::LocalSender<T>>;

@@ -1,37 +1,165 @@
-//! The NBD export of the primary: the sans-I/O session of `ordinal-nbd` driven over glommio
-//! sockets, with writes going through [`PrimaryHandle`] (so an NBD write is acknowledged
-//! exactly when the protocol's mode allows) and reads served from the local volume.
+//! NBD exports: the sans-I/O session of `ordinal-nbd` driven over glommio sockets, backed by the
+//! primary (writes go through [`PrimaryHandle`], so an NBD write is acknowledged exactly when the
+//! protocol's mode allows) or, after a failover, by the promoted DR's own volume.
+//!
+//! What the commands mean here (every client connection sees the same volume):
+//! - READ comes from the local volume, which holds every acknowledged write.
+//! - WRITE is acknowledged as the mode says (`order-sync`: written locally and its order held
+//!   by the DR). A failed or fenced primary answers `EIO`, never a silent success.
+//! - FLUSH (and the FUA flag) returns once every write answered before it, on any connection,
+//!   is on stable storage locally and its order is held by the DR, as [`PrimaryHandle::flush`]
+//!   describes; so the export advertises `NBD_FLAG_CAN_MULTI_CONN`.
+//! - WRITE_ZEROES writes real zeroes through the replication, in chunks of the largest write,
+//!   so the DR's copy stays identical; it succeeds only if every chunk was acknowledged.
+//! - TRIM is accepted and does nothing: the spec lets a server ignore it (the client may not
+//!   rely on the contents afterwards), and changing nothing keeps the DR identical for free.
 
 use std::cell::{Cell, RefCell};
+use std::future::Future;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::rc::Rc;
 use std::time::Duration;
 
 use futures_lite::{AsyncReadExt, AsyncWriteExt};
+use glommio::channels::local_channel::{self, LocalSender};
 use glommio::net::{TcpListener, TcpStream};
 use ordinal_nbd::{Event, NbdError, ServerConfig, ServerSession};
+use ordinal_proto::Geometry;
 
 use crate::primary::{PrimaryHandle, WriteOutcome};
+use crate::storage::Volume;
 
-/// Serves the export until the process ends; each client connection is its own task.
-pub async fn serve(listen: SocketAddr, handle: PrimaryHandle) {
-    let listener = match TcpListener::bind(listen) {
-        Ok(listener) => listener,
-        Err(error) => {
-            eprintln!("primary: cannot serve NBD on {listen}: {error}");
-            std::process::exit(2);
+/// The export name clients ask for (the empty default name is accepted too).
+pub const EXPORT_NAME: &str = "ordinal";
+
+/// Chunks of one WRITE_ZEROES in flight at once: enough to keep the ring busy, few enough
+/// that a WRITE_ZEROES over the whole volume holds at most this many zero buffers.
+const ZERO_CHUNKS_INFLIGHT: usize = 8;
+/// Bytes the reader buffers from the socket: a few of the largest writes.
+const READ_BUFFER_BYTES: usize = 256 << 10;
+
+/// What an NBD export serves.
+#[derive(Clone, Debug)]
+pub enum Export {
+    /// The replicated volume of a running primary.
+    Primary(PrimaryHandle),
+    /// The volume of a DR promoted by a failover, read-write and no longer replicated (nothing
+    /// protects it until a new DR is set up).
+    Promoted {
+        volume: Rc<Volume>,
+        geometry: Geometry,
+    },
+}
+
+type Finish = Pin<Box<dyn Future<Output = Result<(), String>>>>;
+
+impl Export {
+    fn role(&self) -> &'static str {
+        match self {
+            Export::Primary(_) => "primary",
+            Export::Promoted { .. } => "dr",
         }
-    };
+    }
+
+    fn geometry(&self) -> Geometry {
+        match self {
+            Export::Primary(handle) => handle.geometry(),
+            Export::Promoted { geometry, .. } => *geometry,
+        }
+    }
+
+    fn server_config(&self) -> ServerConfig {
+        let geometry = self.geometry();
+        ServerConfig {
+            export_name: EXPORT_NAME.into(),
+            size_bytes: geometry.volume_bytes,
+            read_only: false,
+            block_bytes: geometry.sector_bytes.clamp(512, 65536),
+            payload_bytes_max: geometry.payload_bytes_max,
+            multi_conn: true,
+        }
+    }
+
+    /// Hands a write over (on the primary, admitted in the order of these calls) and returns
+    /// the future of its outcome.
+    async fn start_write(&self, offset: u64, data: Vec<u8>) -> Finish {
+        match self {
+            Export::Primary(handle) => {
+                let pending = handle.start_write(offset, data).await;
+                Box::pin(async move {
+                    match pending.outcome().await {
+                        WriteOutcome::Acked { .. } => Ok(()),
+                        WriteOutcome::Failed(why) => Err(why),
+                    }
+                })
+            }
+            Export::Promoted { volume, .. } => {
+                let volume = volume.clone();
+                Box::pin(async move { volume.write_at(offset, &data).await })
+            }
+        }
+    }
+
+    async fn write_zeroes(&self, offset: u64, len: u64) -> Result<(), String> {
+        let chunk_bytes = u64::from(self.geometry().payload_bytes_max);
+        let mut in_flight = std::collections::VecDeque::new();
+        let mut at = offset;
+        let end = offset + len;
+        let mut result = Ok(());
+        while at < end {
+            let take = chunk_bytes.min(end - at);
+            in_flight.push_back(self.start_write(at, vec![0; take as usize]).await);
+            at += take;
+            if in_flight.len() >= ZERO_CHUNKS_INFLIGHT {
+                if let Some(finish) = in_flight.pop_front() {
+                    result = result.and(finish.await);
+                }
+            }
+            if result.is_err() {
+                break;
+            }
+        }
+        for finish in in_flight {
+            result = result.and(finish.await);
+        }
+        result
+    }
+
+    async fn read(&self, offset: u64, len: usize) -> Result<Vec<u8>, String> {
+        match self {
+            Export::Primary(handle) => handle.read(offset, len).await,
+            Export::Promoted { volume, .. } => volume.read(offset, len).await,
+        }
+    }
+
+    async fn flush(&self) -> Result<(), String> {
+        match self {
+            Export::Primary(handle) => handle.flush().await,
+            Export::Promoted { volume, .. } => volume.flush().await,
+        }
+    }
+}
+
+/// Binds `listen` and serves `export` until the process ends; each client connection is its
+/// own task. Fails only if the address cannot be bound.
+pub async fn serve(listen: SocketAddr, export: Export) -> Result<(), String> {
+    let listener = TcpListener::bind(listen)
+        .map_err(|error| format!("cannot serve NBD on {listen}: {error}"))?;
     if let Ok(addr) = listener.local_addr() {
-        crate::admin::announce(crate::control::Role::Primary, "serving NBD on", addr);
+        let role = match export {
+            Export::Primary(_) => crate::control::Role::Primary,
+            Export::Promoted { .. } => crate::control::Role::Dr,
+        };
+        crate::admin::announce(role, "serving NBD on", addr);
     }
     loop {
         match listener.accept().await {
             Ok(stream) => {
-                glommio::spawn_local(serve_client(stream, handle.clone())).detach();
+                glommio::spawn_local(serve_client(stream, export.clone())).detach();
             }
             Err(error) => {
-                eprintln!("primary: NBD accept failed: {error}");
+                eprintln!("{}: NBD accept failed: {error}", export.role());
                 glommio::timer::sleep(Duration::from_millis(50)).await;
             }
         }
@@ -40,38 +168,55 @@ pub async fn serve(listen: SocketAddr, handle: PrimaryHandle) {
 
 struct Connection {
     session: RefCell<ServerSession>,
-    wake_writer: glommio::channels::local_channel::LocalSender<()>,
+    /// Wakes the writer task: output or a finished reply is waiting.
+    wake_writer: LocalSender<()>,
+    /// Wakes the reader: a reply made room in a backpressured session.
+    wake_reader: LocalSender<()>,
     closing: Cell<bool>,
+    role: &'static str,
 }
 
 impl Connection {
     fn wake(&self) {
         let _ = self.wake_writer.try_send(());
+        let _ = self.wake_reader.try_send(());
+    }
+
+    /// Sends the outcome of a WRITE, WRITE_ZEROES, TRIM or FLUSH.
+    fn answer(&self, cookie: u64, result: Result<(), String>) {
+        let mut session = self.session.borrow_mut();
+        let _ = match result {
+            Ok(()) => session.reply_ok(cookie),
+            Err(why) => {
+                eprintln!("{}: NBD request failed: {why}", self.role);
+                session.reply_error(cookie, NbdError::Io)
+            }
+        };
+        drop(session);
+        self.wake();
     }
 }
 
-async fn serve_client(stream: TcpStream, handle: PrimaryHandle) {
+async fn serve_client(stream: TcpStream, export: Export) {
     let _ = stream.set_nodelay(true);
-    let geometry = handle.geometry();
-    let config = ServerConfig {
-        export_name: "ordinal".into(),
-        size_bytes: geometry.volume_bytes,
-        read_only: false,
-        block_bytes: geometry.sector_bytes.clamp(512, 65536),
-        payload_bytes_max: geometry.payload_bytes_max,
-    };
-    let session = match ServerSession::new(config) {
+    let peer = stream
+        .peer_addr()
+        .map_or_else(|_| "a client".to_string(), |addr| addr.to_string());
+    let session = match ServerSession::new(export.server_config()) {
         Ok(session) => session,
         Err(error) => {
-            eprintln!("primary: {error}");
+            eprintln!("{}: {error}", export.role());
             return;
         }
     };
-    let (wake_writer, wakeups) = glommio::channels::local_channel::new_bounded(1);
+    let (wake_writer, writer_wakeups) = local_channel::new_bounded(1);
+    let (wake_reader, reader_wakeups) = local_channel::new_bounded(1);
     let connection = Rc::new(Connection {
         session: RefCell::new(session),
         wake_writer,
+        wake_reader,
         closing: Cell::new(false),
+        role: export.role(),
     });
     let (mut reader, mut writer) = futures_lite::io::split(stream);
     let writer_connection = connection.clone();
@@ -91,6 +236,7 @@ async fn serve_client(stream: TcpStream, handle: PrimaryHandle) {
                         .session
                         .borrow_mut()
                         .consume_output(chunk.len());
+                    let _ = writer_connection.wake_reader.try_send(());
                 }
                 None => {
                     let finished = {
@@ -102,7 +248,7 @@ async fn serve_client(stream: TcpStream, handle: PrimaryHandle) {
                         let _ = writer.close().await;
                         return;
                     }
-                    if wakeups.recv().await.is_none() {
+                    if writer_wakeups.recv().await.is_none() {
                         return;
                     }
                 }
@@ -110,10 +256,10 @@ async fn serve_client(stream: TcpStream, handle: PrimaryHandle) {
         }
     });
     connection.wake();
-    let mut buffer = vec![0u8; 256 << 10];
+    let mut buffer = vec![0u8; READ_BUFFER_BYTES];
     let mut filled = 0usize;
     'connection: loop {
-        // Parse what we have; stop reading while the session pushes back.
+        // Parse what we have; the session stops consuming while it pushes back.
         let used = connection
             .session
             .borrow_mut()
@@ -128,34 +274,61 @@ async fn serve_client(stream: TcpStream, handle: PrimaryHandle) {
                     handle: cookie,
                     offset,
                     data,
+                    fua,
                 } => {
                     // Handed over in arrival order, so the primary numbers them in that order.
-                    let pending = handle.start_write(offset, data).await;
-                    let connection = connection.clone();
+                    let finish = export.start_write(offset, data).await;
+                    let (connection, export) = (connection.clone(), export.clone());
                     glommio::spawn_local(async move {
-                        let outcome = pending.outcome().await;
-                        let mut session = connection.session.borrow_mut();
-                        let _ = match outcome {
-                            WriteOutcome::Acked { .. } => session.reply_ok(cookie),
-                            WriteOutcome::Failed(_) => session.reply_error(cookie, NbdError::Io),
-                        };
-                        drop(session);
-                        connection.wake();
+                        let mut result = finish.await;
+                        if fua && result.is_ok() {
+                            result = export.flush().await;
+                        }
+                        connection.answer(cookie, result);
                     })
                     .detach();
+                }
+                Event::WriteZeroes {
+                    handle: cookie,
+                    offset,
+                    len,
+                    fua,
+                } => {
+                    let (connection, export) = (connection.clone(), export.clone());
+                    glommio::spawn_local(async move {
+                        let mut result = export.write_zeroes(offset, u64::from(len)).await;
+                        if fua && result.is_ok() {
+                            result = export.flush().await;
+                        }
+                        connection.answer(cookie, result);
+                    })
+                    .detach();
+                }
+                Event::Trim {
+                    handle: cookie,
+                    fua,
+                    ..
+                } => {
+                    // Nothing is discarded (see the module docs); FUA still asks for durability
+                    // of what the command covers, which a no-op already has.
+                    let _ = fua;
+                    connection.answer(cookie, Ok(()));
                 }
                 Event::Read {
                     handle: cookie,
                     offset,
                     len,
                 } => {
-                    let (connection, handle) = (connection.clone(), handle.clone());
+                    let (connection, export) = (connection.clone(), export.clone());
                     glommio::spawn_local(async move {
-                        let data = handle.read(offset, len as usize).await;
+                        let data = export.read(offset, len as usize).await;
                         let mut session = connection.session.borrow_mut();
                         let _ = match data {
                             Ok(data) => session.reply_read(cookie, &data),
-                            Err(_) => session.reply_error(cookie, NbdError::Io),
+                            Err(why) => {
+                                eprintln!("{}: NBD read failed: {why}", connection.role);
+                                session.reply_error(cookie, NbdError::Io)
+                            }
                         };
                         drop(session);
                         connection.wake();
@@ -163,50 +336,45 @@ async fn serve_client(stream: TcpStream, handle: PrimaryHandle) {
                     .detach();
                 }
                 Event::Flush { handle: cookie } => {
-                    let (connection, handle) = (connection.clone(), handle.clone());
+                    let (connection, export) = (connection.clone(), export.clone());
                     glommio::spawn_local(async move {
-                        let flushed = handle.flush().await;
-                        let mut session = connection.session.borrow_mut();
-                        let _ = match flushed {
-                            Ok(()) => session.reply_ok(cookie),
-                            Err(_) => session.reply_error(cookie, NbdError::Io),
-                        };
-                        drop(session);
-                        connection.wake();
+                        let result = export.flush().await;
+                        connection.answer(cookie, result);
                     })
                     .detach();
                 }
-                Event::Disconnect => {
-                    connection.closing.set(true);
-                    connection.wake();
-                    break 'connection;
-                }
+                Event::Disconnect => break 'connection,
                 Event::Error(error) => {
-                    eprintln!("primary: NBD client broke the protocol: {error:?}");
-                    connection.closing.set(true);
-                    connection.wake();
+                    eprintln!(
+                        "{}: NBD client {peer} broke the protocol ({error}); closing its connection",
+                        export.role()
+                    );
                     break 'connection;
                 }
             }
         }
-        connection.wake();
+        // Only the writer: waking the reader from here would make it spin while it waits.
+        let _ = connection.wake_writer.try_send(());
         if connection.session.borrow().is_closed() {
             break;
         }
-        if !connection.session.borrow().wants_input() {
-            // Replies in flight will make room; look again shortly.
-            glommio::timer::sleep(Duration::from_micros(200)).await;
-            continue;
-        }
-        if filled == buffer.len() {
-            glommio::timer::sleep(Duration::from_micros(200)).await;
+        if !connection.session.borrow().wants_input() || filled == buffer.len() {
+            // Replies in flight will make room; each one wakes us.
+            if reader_wakeups.recv().await.is_none() {
+                break;
+            }
             continue;
         }
         match reader.read(&mut buffer[filled..]).await {
-            Ok(0) | Err(_) => break,
+            Ok(0) => break,
+            Err(error) => {
+                eprintln!("{}: NBD client {peer}: {error}", export.role());
+                break;
+            }
             Ok(read) => filled += read,
         }
     }
+    // Requests already handed over finish and are answered if the client is still there.
     connection.closing.set(true);
     connection.wake();
     writer_task.await;

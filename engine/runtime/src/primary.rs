@@ -5,7 +5,7 @@
 //!
 //! Clients reach it through [`PrimaryHandle`] (the embeddable API, which the NBD export uses).
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -14,7 +14,9 @@ use std::time::Duration;
 
 use glommio::net::TcpListener;
 use hdrhistogram::Histogram;
-use ordinal_proto::primary::{AuxWriteTag, Primary, PrimaryAction, PrimaryConfig, WriteRefused};
+use ordinal_proto::primary::{
+    AuxWriteTag, Primary, PrimaryAction, PrimaryConfig, PrimaryStop, WriteRefused,
+};
 use ordinal_proto::{Epoch, Geometry, LinkLossPolicy, Mode, Seq};
 
 use crate::admin::{self, AcceptContext, Input};
@@ -73,7 +75,51 @@ pub enum PrimaryEvent {
         qp: PreparedQp,
         table: RegionDescriptor,
     },
+    /// Answer once every write acknowledged so far has its order held by the DR (see
+    /// [`PrimaryHandle::flush`]).
+    Flush { reply: Sender<Result<(), String>> },
 }
+
+/// What an embedder sees of a running primary ([`PrimaryHandle::status`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PrimaryStatus {
+    pub epoch: Epoch,
+    pub mode: Mode,
+    /// The newest op acknowledged to a client.
+    pub last_acked_seq: Seq,
+    /// The DR holds the order records of every op up to here.
+    pub order_acked_through: Seq,
+    /// The DR has applied every op up to here to its volume.
+    pub dr_applied_through: Seq,
+    /// Ops and bytes admitted whose payload has not reached the DR's ring yet.
+    pub lag_ops: u64,
+    pub lag_bytes: u64,
+    pub dr_link_up: bool,
+    pub aux_connected: bool,
+    /// Set for good once the primary stops taking writes. `FencedByAux` and `FencedByDr` mean
+    /// that a failover took the volume over: the DR is now the primary.
+    pub stopped: Option<PrimaryStop>,
+}
+
+/// A change worth telling an embedder about ([`PrimaryHandle::subscribe`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PrimaryNotice {
+    DrLinkUp,
+    /// Writes now block or are acknowledged degraded, as `--on-link-loss` says.
+    DrLinkDown,
+    AuxUp,
+    AuxDown,
+    /// The primary stopped for good (fenced by a failover, or a fault); writes fail from now on.
+    Stopped(PrimaryStop),
+}
+
+/// Subscribers at once; more are refused.
+const SUBSCRIBERS_MAX: usize = 64;
+/// Notices queued per subscriber; a subscriber that falls further behind misses notices (the
+/// current state is always in [`PrimaryHandle::status`]).
+const NOTICES_QUEUED_MAX: usize = 64;
+/// FLUSH requests waiting for the DR at once; more are answered with an error.
+const FLUSHES_WAITING_MAX: usize = 1024;
 
 /// A write handed to the primary, not yet answered.
 #[derive(Debug)]
@@ -100,6 +146,8 @@ pub struct PrimaryHandle {
     volume: Rc<Volume>,
     geometry: Geometry,
     order_round_trips: Rc<RefCell<Histogram<u64>>>,
+    status: Rc<Cell<PrimaryStatus>>,
+    subscribers: Rc<RefCell<Vec<glommio::channels::local_channel::LocalSender<PrimaryNotice>>>>,
 }
 
 impl PrimaryHandle {
@@ -130,8 +178,46 @@ impl PrimaryHandle {
         self.volume.read(volume_offset, len).await
     }
 
+    /// Makes every write acknowledged before the call durable as far as the mode promises more
+    /// than a local write: once it returns Ok, each of those writes is on stable storage locally
+    /// (`fdatasync` of the volume) and the DR holds its order record, so a failover either keeps
+    /// it or lists it in the loss report, whatever the mode. In `order-sync` and `sync` the DR
+    /// held each order already when the write was acknowledged, so only the local sync is added;
+    /// in `async` this waits for the DR to catch up on orders. While the DR link is down, with
+    /// `--on-link-loss degrade` it returns after the local sync (those writes were acknowledged
+    /// degraded: only the aux table covers them), and with `block` it waits for the link, as
+    /// writes do. Fails if the primary stopped before the DR held them.
     pub async fn flush(&self) -> Result<(), String> {
-        self.volume.flush().await
+        self.volume.flush().await?;
+        let (reply, answer) = glommio::channels::local_channel::new_bounded(1);
+        let stopped = || String::from("the primary stopped");
+        self.events
+            .send(PrimaryEvent::Flush {
+                reply: Rc::new(reply),
+            })
+            .await
+            .map_err(|_| stopped())?;
+        answer.recv().await.unwrap_or_else(|| Err(stopped()))
+    }
+
+    /// The primary's state as of its last step.
+    pub fn status(&self) -> PrimaryStatus {
+        self.status.get()
+    }
+
+    /// Notices of link changes and of the primary stopping (a failover fencing it), from now
+    /// on. At most 64 subscribers (a dropped receiver frees its place at the next notice); a
+    /// subscriber more than 64 notices behind misses some.
+    pub fn subscribe(
+        &self,
+    ) -> Result<glommio::channels::local_channel::LocalReceiver<PrimaryNotice>, String> {
+        let mut subscribers = self.subscribers.borrow_mut();
+        if subscribers.len() >= SUBSCRIBERS_MAX {
+            return Err(format!("already {SUBSCRIBERS_MAX} subscribers"));
+        }
+        let (sender, receiver) = glommio::channels::local_channel::new_bounded(NOTICES_QUEUED_MAX);
+        subscribers.push(sender);
+        Ok(receiver)
     }
 
     pub fn geometry(&self) -> Geometry {
@@ -163,6 +249,9 @@ struct PrimaryNode {
     orders_in_flight: VecDeque<(Seq, std::time::Instant)>,
     /// Order round trips: from posting a batch's SEND to the DR's answer that it holds it.
     order_round_trips: Rc<RefCell<Histogram<u64>>>,
+    /// FLUSH requests waiting for the DR to hold orders through their seq; at most
+    /// `FLUSHES_WAITING_MAX`.
+    flushes: Vec<(Seq, Sender<Result<(), String>>)>,
 }
 
 /// Bound of `PrimaryNode::orders_in_flight`.
@@ -238,7 +327,10 @@ pub async fn run_primary(
         last_acked: 0,
         orders_in_flight: VecDeque::new(),
         order_round_trips: order_round_trips.clone(),
+        flushes: Vec::new(),
     }));
+    let status = Rc::new(Cell::new(status_of(&node.borrow())));
+    let subscribers = Rc::new(RefCell::new(Vec::new()));
     let info = NodeInfo {
         geometry: Some(geometry),
         epoch: options.epoch,
@@ -249,6 +341,8 @@ pub async fn run_primary(
         volume,
         geometry,
         order_round_trips,
+        status: status.clone(),
+        subscribers: subscribers.clone(),
     });
 
     loop {
@@ -285,6 +379,14 @@ pub async fn run_primary(
                     (Err(error), _) | (_, Err(error)) => {
                         eprintln!("primary: cannot start the DR queue pairs: {error}")
                     }
+                }
+            }
+            Input::Local(PrimaryEvent::Flush { reply }) => {
+                if node.flushes.len() < FLUSHES_WAITING_MAX {
+                    node.flushes.push((node.last_acked, reply));
+                } else {
+                    let why = format!("{FLUSHES_WAITING_MAX} flushes already wait for the DR");
+                    let _ = reply.try_send(Err(why));
                 }
             }
             Input::Local(PrimaryEvent::AuxConnected { qp, table }) => {
@@ -336,7 +438,91 @@ pub async fn run_primary(
         }
         admit(node, now);
         execute_actions(node, &senders.local);
+        settle_flushes(node);
+        let (before, after) = (status.get(), status_of(node));
+        if before != after {
+            status.set(after);
+            notify(&mut subscribers.borrow_mut(), &before, &after);
+        }
     }
+}
+
+/// The embedder's view of `node` right now.
+fn status_of(node: &PrimaryNode) -> PrimaryStatus {
+    let primary = &node.primary;
+    let (lag_ops, lag_bytes) = primary.lag();
+    PrimaryStatus {
+        epoch: primary.config().epoch,
+        mode: primary.config().mode,
+        last_acked_seq: node.last_acked,
+        order_acked_through: primary.order_acked_through(),
+        dr_applied_through: primary.dr_applied_through(),
+        lag_ops,
+        lag_bytes,
+        dr_link_up: primary.is_dr_link_up(),
+        aux_connected: node.aux.is_some(),
+        stopped: primary.stopped(),
+    }
+}
+
+/// Sends each subscriber the notices that lead from `before` to `after`.
+fn notify(
+    subscribers: &mut Vec<glommio::channels::local_channel::LocalSender<PrimaryNotice>>,
+    before: &PrimaryStatus,
+    after: &PrimaryStatus,
+) {
+    let mut notices = Vec::new();
+    if before.dr_link_up != after.dr_link_up {
+        notices.push(if after.dr_link_up {
+            PrimaryNotice::DrLinkUp
+        } else {
+            PrimaryNotice::DrLinkDown
+        });
+    }
+    if before.aux_connected != after.aux_connected {
+        notices.push(if after.aux_connected {
+            PrimaryNotice::AuxUp
+        } else {
+            PrimaryNotice::AuxDown
+        });
+    }
+    if let (None, Some(stop)) = (before.stopped, after.stopped) {
+        notices.push(PrimaryNotice::Stopped(stop));
+    }
+    // A full queue means a subscriber that does not keep up: it misses that notice. One whose
+    // receiver is gone is dropped, which makes room for new subscribers.
+    subscribers.retain(|subscriber| {
+        notices.iter().all(|notice| {
+            !matches!(
+                subscriber.try_send(*notice),
+                Err(glommio::GlommioError::Closed(_))
+            )
+        })
+    });
+}
+
+/// Answers the FLUSH requests whose writes the DR now holds, or that can no longer wait.
+fn settle_flushes(node: &mut PrimaryNode) {
+    if node.flushes.is_empty() {
+        return;
+    }
+    let held_through = node.primary.order_acked_through();
+    let stopped = node.primary.stopped();
+    let degraded = node.primary.config().link_loss_policy == LinkLossPolicy::Degrade
+        && !node.primary.is_dr_link_up();
+    node.flushes.retain(|(through, reply)| {
+        let answer = if *through <= held_through || degraded {
+            Ok(())
+        } else if let Some(stop) = stopped {
+            Err(format!(
+                "the primary stopped ({stop:?}) before the DR held op {through}"
+            ))
+        } else {
+            return true;
+        };
+        let _ = reply.try_send(answer);
+        false
+    });
 }
 
 /// Admits waiting client writes in arrival order until the protocol pushes back.
