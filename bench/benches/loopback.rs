@@ -1,5 +1,6 @@
 //! `cargo bench -p ordinal-bench --bench loopback [-- OPTIONS]`: a whole system on loopback TCP
-//! against a raw TCP ping-pong of the order record's frame, measured in the same run.
+//! against a raw TCP ping-pong of the order record's frame, measured in the same run, and the
+//! throughput through the NBD export against the library API's.
 //!
 //! Options: `--mode order-sync|sync|async`, `--write-bytes N` (4096), `--samples N` (5000, one
 //! write at a time), `--queue-depth N` (32), `--seconds S` (5, throughput phase), `--dir D`
@@ -133,6 +134,20 @@ fn main() {
     println!(
         "{}",
         line("write-ack under that load", &report.throughput_ack_ns)
+    );
+    let nbd_seconds = report.nbd.elapsed.as_secs_f64();
+    let nbd_mb_s = report.nbd.writes as f64 * config.write_bytes as f64 / nbd_seconds / 1e6;
+    let api_mb_s = report.throughput_writes as f64 * config.write_bytes as f64 / seconds / 1e6;
+    println!(
+        "through NBD (one connection, {} in flight): {:.0} writes/s, {:.1} MB/s = {:.2}x the library API's",
+        config.queue_depth,
+        report.nbd.writes as f64 / nbd_seconds,
+        nbd_mb_s,
+        nbd_mb_s / api_mb_s
+    );
+    println!(
+        "{}",
+        line("NBD write-ack under that load", &report.nbd.ack_ns)
     );
     if report.failed_writes > 0 {
         println!("{} write(s) failed (see above)", report.failed_writes);

@@ -60,7 +60,72 @@ pub struct LoopbackReport {
     pub throughput_ack_ns: Histogram<u64>,
     pub throughput_writes: u64,
     pub throughput_elapsed: Duration,
+    /// The same throughput phase through the NBD export (one connection, `queue_depth`
+    /// requests in flight), so the export's cost shows against the library API's.
+    pub nbd: NbdThroughput,
     pub failed_writes: u64,
+}
+
+/// Writes through the NBD export: acknowledged count, time taken, and each one's latency.
+#[derive(Debug)]
+pub struct NbdThroughput {
+    pub writes: u64,
+    pub elapsed: Duration,
+    pub ack_ns: Histogram<u64>,
+}
+
+/// Writes `write_bytes` at a time through the NBD export at `addr` for `time`, keeping
+/// `queue_depth` in flight on one connection (the blocking client, on the calling thread).
+fn nbd_throughput(
+    addr: SocketAddr,
+    write_bytes: usize,
+    queue_depth: usize,
+    time: Duration,
+) -> Result<NbdThroughput, String> {
+    let error = |error: ordinal_nbd::ClientError| format!("NBD client: {error}");
+    let client = ordinal_nbd::Client::connect(
+        addr,
+        ordinal_runtime::nbd::EXPORT_NAME,
+        Duration::from_secs(30),
+    )
+    .map_err(error)?;
+    let (mut sender, mut receiver) = client.into_split();
+    let mut sent_at = std::collections::HashMap::new();
+    let mut ack_ns = histogram();
+    let mut writes = 0u64;
+    let started = Instant::now();
+    let deadline = started + time;
+    let mut next = 0u64;
+    loop {
+        while sent_at.len() < queue_depth && Instant::now() < deadline {
+            let data = vec![next as u8; write_bytes];
+            sender
+                .send_write(next, offset_of(next, write_bytes), &data)
+                .map_err(error)?;
+            sent_at.insert(next, Instant::now());
+            next += 1;
+        }
+        if sent_at.is_empty() {
+            break;
+        }
+        let reply = receiver.recv_reply().map_err(error)?;
+        let began = sent_at
+            .remove(&reply.handle)
+            .ok_or_else(|| format!("NBD reply for unknown request {}", reply.handle))?;
+        if reply.error != 0 {
+            return Err(format!(
+                "NBD write {} failed with error {}",
+                reply.handle, reply.error
+            ));
+        }
+        writes += 1;
+        ack_ns.record(began.elapsed().as_nanos() as u64).ok();
+    }
+    Ok(NbdThroughput {
+        writes,
+        elapsed: started.elapsed(),
+        ack_ns,
+    })
 }
 
 fn histogram() -> Histogram<u64> {
@@ -78,24 +143,11 @@ where
     F: FnOnce() -> Fut + Send + 'static,
     Fut: std::future::Future<Output = Result<(), String>> + 'static,
 {
-    let name = name.to_string();
-    std::thread::Builder::new()
-        .name(name.clone())
-        .spawn(move || {
-            let mut builder =
-                glommio::LocalExecutorBuilder::new(glommio::Placement::Unbound).name(&name);
-            if let Some(spin) = std::env::var("ORDINAL_SPIN_US")
-                .ok()
-                .and_then(|v| v.parse().ok())
-            {
-                builder = builder.spin_before_park(Duration::from_micros(spin));
-            }
-            let executor = builder.make().expect("io_uring executor");
-            if let Err(error) = executor.run(body()) {
-                eprintln!("loopback bench: {name} stopped: {error}");
-            }
-        })
-        .map_err(|error| error.to_string())
+    let spin = std::env::var("ORDINAL_SPIN_US")
+        .ok()
+        .and_then(|value| value.parse().ok())
+        .map(Duration::from_micros);
+    ordinal_runtime::spawn_executor(name, spin, body)
 }
 
 /// A raw TCP ping-pong of `message_bytes` each way between two executors on two threads.
@@ -212,6 +264,7 @@ where
         auto_failover: false,
         applies_inflight_max: 16,
         transport: config.transport.clone(),
+        nbd_listen: None,
     };
     executor_thread("ordinal-dr", move || run_dr(dr))?;
     let primary = PrimaryOptions {
@@ -323,6 +376,19 @@ async fn measure(handle: PrimaryHandle, config: LoopbackConfig) -> Result<Loopba
     }
     let throughput_elapsed = started.elapsed();
     let throughput_ack_ns = throughput_ack_ns.borrow().clone();
+    let nbd_addr = free_port()?;
+    let export = ordinal_runtime::nbd::Export::Primary(handle.clone());
+    glommio::spawn_local(async move {
+        if let Err(error) = ordinal_runtime::nbd::serve(nbd_addr, export).await {
+            eprintln!("loopback bench: {error}");
+        }
+    })
+    .detach();
+    let (queue_depth, time) = (config.queue_depth, config.throughput_time);
+    // The blocking client runs on glommio's helper thread while this executor serves it.
+    let nbd = glommio::executor()
+        .spawn_blocking(move || nbd_throughput(nbd_addr, bytes, queue_depth, time))
+        .await?;
     Ok(LoopbackReport {
         pingpong_ns: histogram(),
         write_ack_ns,
@@ -330,6 +396,7 @@ async fn measure(handle: PrimaryHandle, config: LoopbackConfig) -> Result<Loopba
         throughput_ack_ns,
         throughput_writes: writes.get(),
         throughput_elapsed,
+        nbd,
         failed_writes: failed + failures.get(),
     })
 }
