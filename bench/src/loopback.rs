@@ -210,11 +210,17 @@ pub fn pingpong(message_bytes: usize, rounds: u64) -> Result<Histogram<u64>, Str
     Ok(latencies)
 }
 
+/// Makes a volume of zeroes, written out rather than sparse: on tmpfs the first write to a page
+/// allocates and clears it, which would make whichever phase runs first look slower.
 fn make_volume(path: &Path) -> Result<(), String> {
-    let file = std::fs::File::create(path)
-        .map_err(|error| format!("cannot create {}: {error}", path.display()))?;
-    file.set_len(VOLUME_BYTES)
-        .map_err(|error| format!("cannot size {}: {error}", path.display()))
+    use std::io::Write;
+    let fail = |error: std::io::Error| format!("cannot make {}: {error}", path.display());
+    let mut file = std::fs::File::create(path).map_err(fail)?;
+    let zeroes = vec![0u8; 1 << 20];
+    for _ in 0..VOLUME_BYTES / zeroes.len() as u64 {
+        file.write_all(&zeroes).map_err(fail)?;
+    }
+    Ok(())
 }
 
 /// Starts aux and DR on their own threads and the primary on a third, and runs `workload` on
@@ -296,10 +302,16 @@ where
         .map_err(|_| "the workload did not finish (see the messages above)".to_string())
 }
 
-/// A deterministic spread of aligned offsets over the volume.
+/// A deterministic spread of aligned offsets over the volume. Every bit of `index` must reach
+/// the result (splitmix64's finaliser): the throughput writers number their writes
+/// `writer << 40 | k`, and a hash that ignored the high bits gave all of them the same offsets at
+/// the same time, so their local writes overlapped and ran one after another.
 fn offset_of(index: u64, write_bytes: usize) -> u64 {
     let slots = VOLUME_BYTES / write_bytes as u64;
-    (index.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 11) % slots * write_bytes as u64
+    let mut mixed = index.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    mixed = (mixed ^ (mixed >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    mixed = (mixed ^ (mixed >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    (mixed ^ (mixed >> 31)) % slots * write_bytes as u64
 }
 
 async fn measure(handle: PrimaryHandle, config: LoopbackConfig) -> Result<LoopbackReport, String> {
