@@ -505,9 +505,40 @@ fn a_client_carries_on_at_the_promoted_dr_after_the_primary_is_killed() {
     }
     assert!(present >= 1, "the DR holds nothing");
 
-    // The client carries on at the DR: write, flush, read back.
+    // The client carries on at the DR: write, flush, read back; an image in and out.
     let commands = ["write -P 0x77 16M 1M", "flush", "read -P 0x77 16M 1M"].map(String::from);
     assert_clean(&qemu_io(dr_nbd, &commands));
+    let image: Vec<u8> = (0..4u64 << 20)
+        .map(|i| (i.wrapping_mul(40_503) >> 7) as u8)
+        .collect();
+    let image_path = cluster.dir.join("image.raw");
+    std::fs::write(&image_path, &image).unwrap();
+    let image_arg = image_path.display().to_string();
+    run(
+        "qemu-img",
+        &[
+            "convert",
+            "-n",
+            "-f",
+            "raw",
+            "-O",
+            "raw",
+            &image_arg,
+            &url(dr_nbd),
+        ],
+    );
+    let out_path = cluster.dir.join("dr-out.raw");
+    let out_arg = out_path.display().to_string();
+    run("nbdcopy", &["--connections=4", &url(dr_nbd), &out_arg]);
+    let out = std::fs::read(&out_path).unwrap();
+    assert!(
+        out[..image.len()] == image[..],
+        "the promoted DR gave back other bytes than it took"
+    );
+    assert!(
+        out[16 << 20..17 << 20].iter().all(|&b| b == 0x77),
+        "the image copy disturbed other blocks"
+    );
     let info = run("nbdinfo", &[&url(dr_nbd)]);
     assert!(
         info.contains(&format!("export-size: {VOLUME_BYTES}")),
