@@ -15,20 +15,115 @@
 //! (about 150 instructions for 12 bytes, measured with callgrind), so inputs of up to 64 bytes
 //! take a direct path: one CRC instruction per 8 bytes.
 
+//!
+//! Payloads of a few sectors (the common case of a small-block workload) take a third path. The
+//! CRC instruction has a latency of three cycles and a throughput of one per cycle, and the crate
+//! runs a single stream below a few KiB, so a 512-byte payload waited on 64 dependent
+//! instructions. Here such a payload is cut into blocks of three lanes that run as three
+//! independent streams and are joined with the linearity of CRCs: for lanes A, B, C of L bytes,
+//! `crc(s, ABC) = shift(crc(s, A), 2L) ^ shift(crc(0, B), L) ^ crc(0, C)`, where `shift(x, n)`
+//! is the state after `n` zero bytes, a linear map done with four 256-entry tables. Measured
+//! with the core benchmark: 48 ns for 512 bytes before, see the commit that added it for after.
+
 /// Inputs up to this size take the direct path.
 const SMALL_BYTES_MAX: usize = 64;
+/// Bytes of one lane of the three-stream path: 21 words, so a 512-byte payload is one block of
+/// 504 bytes and one word.
+const LANE_BYTES: usize = 168;
+/// Inputs below this size (and above `SMALL_BYTES_MAX`) take the three-stream path; from here on
+/// the crate's own interleaved code is as fast.
+const MEDIUM_BYTES_END: usize = 4096;
 
 /// CRC-32C of `bytes`.
 #[inline]
 pub fn crc32c(bytes: &[u8]) -> u32 {
-    if bytes.len() <= SMALL_BYTES_MAX {
-        #[cfg(target_arch = "x86_64")]
-        if std::arch::is_x86_feature_detected!("sse4.2") {
-            // SAFETY: the CPU supports SSE 4.2, checked on the line above (std caches the answer).
+    #[cfg(target_arch = "x86_64")]
+    if bytes.len() < MEDIUM_BYTES_END && std::arch::is_x86_feature_detected!("sse4.2") {
+        if bytes.len() <= SMALL_BYTES_MAX {
+            // SAFETY: the CPU supports SSE 4.2, checked above (std caches the answer).
             return unsafe { crc32c_small_sse42(bytes) };
         }
+        // SAFETY: as above.
+        return unsafe { crc32c_medium_sse42(bytes) };
     }
     crc32c::crc32c(bytes)
+}
+
+/// The reflected CRC-32C polynomial.
+const POLYNOMIAL: u32 = 0x82F6_3B78;
+
+/// `shift(x, n)` as four tables: entry `[i][b]` is the shift of byte `b` in byte position `i`
+/// of the state, so a shift is four lookups XORed (it is linear in the state).
+type ShiftTables = [[u32; 256]; 4];
+
+/// Tables for shifting a state by one lane and by two lanes of zero bytes.
+fn lane_shift_tables() -> &'static (ShiftTables, ShiftTables) {
+    static TABLES: std::sync::OnceLock<Box<(ShiftTables, ShiftTables)>> =
+        std::sync::OnceLock::new();
+    TABLES.get_or_init(|| {
+        let mut tables = Box::new(([[0u32; 256]; 4], [[0u32; 256]; 4]));
+        for position in 0..4 {
+            for byte in 0..256u32 {
+                let state = byte << (8 * position);
+                let one = shift_by_zero_bytes(state, LANE_BYTES);
+                tables.0[position][byte as usize] = one;
+                tables.1[position][byte as usize] = shift_by_zero_bytes(one, LANE_BYTES);
+            }
+        }
+        tables
+    })
+}
+
+/// The raw state (no initial or final inversion) after `n` zero bytes, bit by bit: only used to
+/// build the tables, once.
+fn shift_by_zero_bytes(mut state: u32, n: usize) -> u32 {
+    for _ in 0..8 * n {
+        state = (state >> 1) ^ (POLYNOMIAL & 0u32.wrapping_sub(state & 1));
+    }
+    state
+}
+
+#[inline]
+fn apply_shift(tables: &ShiftTables, state: u32) -> u32 {
+    tables[0][(state & 0xff) as usize]
+        ^ tables[1][((state >> 8) & 0xff) as usize]
+        ^ tables[2][((state >> 16) & 0xff) as usize]
+        ^ tables[3][(state >> 24) as usize]
+}
+
+/// CRC-32C in blocks of three lanes run as independent streams (see the module docs), then the
+/// rest one word at a time. Same result as the crate (checked by the tests below).
+///
+/// # Safety
+/// The CPU must support SSE 4.2.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "sse4.2")]
+unsafe fn crc32c_medium_sse42(bytes: &[u8]) -> u32 {
+    use std::arch::x86_64::{_mm_crc32_u64, _mm_crc32_u8};
+    let word = |at: usize| u64::from_le_bytes(bytes[at..at + 8].try_into().expect("8 bytes"));
+    let (one_lane, two_lanes) = lane_shift_tables();
+    let mut state = u32::MAX;
+    let mut at = 0;
+    while bytes.len() - at >= 3 * LANE_BYTES {
+        let (mut a, mut b, mut c) = (u64::from(state), 0u64, 0u64);
+        for offset in (0..LANE_BYTES).step_by(8) {
+            a = _mm_crc32_u64(a, word(at + offset));
+            b = _mm_crc32_u64(b, word(at + LANE_BYTES + offset));
+            c = _mm_crc32_u64(c, word(at + 2 * LANE_BYTES + offset));
+        }
+        state = apply_shift(two_lanes, a as u32) ^ apply_shift(one_lane, b as u32) ^ c as u32;
+        at += 3 * LANE_BYTES;
+    }
+    let mut crc = u64::from(state);
+    while bytes.len() - at >= 8 {
+        crc = _mm_crc32_u64(crc, word(at));
+        at += 8;
+    }
+    let mut crc = crc as u32;
+    for &byte in &bytes[at..] {
+        crc = _mm_crc32_u8(crc, byte);
+    }
+    !crc
 }
 
 /// CRC-32C with the SSE 4.2 instruction, 8 bytes at a time, then the tail byte by byte. Same
@@ -64,6 +159,29 @@ mod tests {
         // RFC 3720 (iSCSI) B.4 and every CRC catalogue give 0xE3069283 for "123456789".
         assert_eq!(crc32c(b"123456789"), 0xE306_9283);
         assert_eq!(crc32c(b""), 0);
+    }
+
+    #[test]
+    fn the_three_stream_path_agrees_with_the_crate_at_every_length_it_takes() {
+        let mut state = 0x9E37_79B9_7F4A_7C15u64;
+        let mut bytes = vec![0u8; MEDIUM_BYTES_END + 8];
+        for byte in &mut bytes {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            *byte = state as u8;
+        }
+        for len in SMALL_BYTES_MAX..=MEDIUM_BYTES_END + 8 {
+            // Both ends, and an odd start so unaligned words are read too.
+            assert_eq!(
+                crc32c(&bytes[..len]),
+                crc32c::crc32c(&bytes[..len]),
+                "length {len}"
+            );
+            let tail = &bytes[bytes.len() - len + 1..];
+            assert_eq!(crc32c(tail), crc32c::crc32c(tail), "length {}", tail.len());
+        }
+        assert_eq!(crc32c(&[0u8; 512]), crc32c::crc32c(&[0u8; 512]));
     }
 
     #[test]
