@@ -15,6 +15,7 @@ mod drive;
 mod node;
 mod report;
 mod sim;
+mod watch;
 
 #[derive(Parser, Debug)]
 #[command(

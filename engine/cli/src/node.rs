@@ -187,6 +187,16 @@ pub struct StatusArgs {
     /// Print the raw JSON.
     #[arg(long)]
     pub json: bool,
+    /// Keep asking and print one line per interval: rates, lag, ring fill, ack latency (primary),
+    /// apply progress (DR), heartbeat (aux). Ctrl-C ends it.
+    #[arg(long, conflicts_with = "json")]
+    pub watch: bool,
+    /// With --watch: milliseconds between lines.
+    #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u64).range(50..))]
+    pub interval_ms: u64,
+    /// With --watch: stop after this many lines (default: until interrupted).
+    #[arg(long)]
+    pub count: Option<u64>,
 }
 
 fn run_on_executor<F, Fut>(name: &str, cpu: Option<usize>, body: F) -> Result<ExitCode, String>
@@ -319,6 +329,14 @@ pub fn failover(args: FailoverArgs) -> Result<ExitCode, String> {
 
 pub fn status(args: StatusArgs) -> Result<ExitCode, String> {
     let psk = ordinal_runtime::read_psk(&args.psk_file)?;
+    if args.watch {
+        return crate::watch::run(
+            args.node,
+            &psk,
+            Duration::from_millis(args.interval_ms),
+            args.count,
+        );
+    }
     let answer =
         ordinal_runtime::admin::request(args.node, &psk, "status", Duration::from_secs(5))?;
     if args.json {

@@ -392,6 +392,43 @@ fn real_clients_write_read_and_copy_images_through_the_primary() {
     assert!(compared.contains("identical"), "{compared}");
 
     assert_dr_identical(&cluster);
+
+    // `status --watch` on the primary and on the DR: a header and one line per interval.
+    for (node, header) in [
+        (cluster.primary_admin, "acked/s"),
+        (cluster.dr_admin, "applied/s"),
+    ] {
+        let output = Command::new(env!("CARGO_BIN_EXE_ordinal"))
+            .args(["status", "--watch", "--count", "3", "--interval-ms", "100"])
+            .args(["--node", &node.to_string()])
+            .arg("--psk-file")
+            .arg(&cluster.psk)
+            .output()
+            .unwrap();
+        let shown = text(&output);
+        assert!(output.status.success(), "{shown}");
+        let lines: Vec<&str> = shown.lines().collect();
+        assert_eq!(lines.len(), 4, "{shown}");
+        assert!(lines[0].contains(header), "{shown}");
+    }
+    let watched = Command::new(env!("CARGO_BIN_EXE_ordinal"))
+        .args([
+            "status",
+            "--watch",
+            "--count",
+            "1",
+            "--node",
+            &cluster.primary_admin.to_string(),
+        ])
+        .arg("--psk-file")
+        .arg(&cluster.psk)
+        .output()
+        .unwrap();
+    assert!(
+        text(&watched).trim_end().ends_with(" ok"),
+        "{}",
+        text(&watched)
+    );
 }
 
 /// Which blocks the "wrote" lines of qemu-io name, in the order it printed them.

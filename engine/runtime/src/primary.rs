@@ -236,8 +236,11 @@ struct PrimaryNode {
     staging: Vec<u8>,
     volume: Rc<Volume>,
     writes: OrderedWrites,
-    waiting: VecDeque<(u64, Vec<u8>, Sender<WriteOutcome>)>,
-    replies: HashMap<u64, Sender<WriteOutcome>>,
+    /// Client writes not admitted yet, with when they arrived.
+    waiting: VecDeque<(u64, Vec<u8>, Sender<WriteOutcome>, std::time::Instant)>,
+    replies: HashMap<u64, (Sender<WriteOutcome>, std::time::Instant)>,
+    /// From a client write's arrival to its acknowledgement.
+    ack_latencies: AckLatencies,
     next_client_tag: u64,
     dr: Option<(QueuePair, QueuePair, RegionDescriptor)>,
     aux: Option<(QueuePair, RegionDescriptor)>,
@@ -319,6 +322,7 @@ pub async fn run_primary(
         writes: OrderedWrites::new(options.local_writes_inflight_max),
         waiting: VecDeque::new(),
         replies: HashMap::new(),
+        ack_latencies: AckLatencies::new(),
         next_client_tag: 1,
         dr: None,
         aux: None,
@@ -355,7 +359,9 @@ pub async fn run_primary(
                 volume_offset,
                 data,
                 reply,
-            }) => node.waiting.push_back((volume_offset, data, reply)),
+            }) => node
+                .waiting
+                .push_back((volume_offset, data, reply, std::time::Instant::now())),
             Input::Local(PrimaryEvent::LocalWriteDone { seq, result }) => {
                 let mut startable = Vec::new();
                 node.writes.finished(seq, &mut startable);
@@ -527,7 +533,7 @@ fn settle_flushes(node: &mut PrimaryNode) {
 
 /// Admits waiting client writes in arrival order until the protocol pushes back.
 fn admit(node: &mut PrimaryNode, now: u64) {
-    while let Some((volume_offset, data, reply)) = node.waiting.pop_front() {
+    while let Some((volume_offset, data, reply, arrived)) = node.waiting.pop_front() {
         let tag = node.next_client_tag;
         match node
             .primary
@@ -537,11 +543,12 @@ fn admit(node: &mut PrimaryNode, now: u64) {
                 node.next_client_tag += 1;
                 let at = admitted.ring_offset as usize;
                 node.staging[at..at + data.len()].copy_from_slice(&data);
-                node.replies.insert(tag, reply);
+                node.replies.insert(tag, (reply, arrived));
             }
             Err(WriteRefused::Backpressure(_)) => {
                 // Retried after the next completion frees room; order is kept.
-                node.waiting.push_front((volume_offset, data, reply));
+                node.waiting
+                    .push_front((volume_offset, data, reply, arrived));
                 return;
             }
             Err(WriteRefused::Invalid(error)) => {
@@ -741,12 +748,13 @@ fn execute_actions(node: &mut PrimaryNode, local: &Sender<PrimaryEvent>) {
                 degraded,
             } => {
                 node.last_acked = node.last_acked.max(seq);
-                if let Some(reply) = node.replies.remove(&client_tag) {
+                if let Some((reply, arrived)) = node.replies.remove(&client_tag) {
+                    node.ack_latencies.record(arrived.elapsed());
                     let _ = reply.try_send(WriteOutcome::Acked { seq, degraded });
                 }
             }
             PrimaryAction::FailClient { seq, client_tag } => {
-                if let Some(reply) = node.replies.remove(&client_tag) {
+                if let Some((reply, _)) = node.replies.remove(&client_tag) {
                     let _ = reply.try_send(WriteOutcome::Failed(format!(
                         "op {seq} was not acknowledged"
                     )));
@@ -754,7 +762,7 @@ fn execute_actions(node: &mut PrimaryNode, local: &Sender<PrimaryEvent>) {
             }
             PrimaryAction::Stopped(stop) => {
                 eprintln!("primary: stopped: {stop:?}; writes are refused from now on");
-                for (_, reply) in node.replies.drain() {
+                for (_, (reply, _)) in node.replies.drain() {
                     let _ = reply.try_send(WriteOutcome::Failed(format!(
                         "the primary stopped: {stop:?}"
                     )));
@@ -764,12 +772,65 @@ fn execute_actions(node: &mut PrimaryNode, local: &Sender<PrimaryEvent>) {
     }
 }
 
-fn status_json(node: &PrimaryNode, mode: Mode) -> String {
+/// Acknowledgement latencies of the last whole second and of the second in progress, for
+/// `ordinal status --watch`: what clients see now, not since start.
+struct AckLatencies {
+    current: Histogram<u64>,
+    last: Histogram<u64>,
+    current_since: std::time::Instant,
+}
+
+impl AckLatencies {
+    const WINDOW: Duration = Duration::from_secs(1);
+
+    fn new() -> Self {
+        let histogram = || Histogram::new_with_bounds(1, 60_000_000_000, 3).expect("valid bounds");
+        AckLatencies {
+            current: histogram(),
+            last: histogram(),
+            current_since: std::time::Instant::now(),
+        }
+    }
+
+    fn record(&mut self, latency: Duration) {
+        self.rotate();
+        let _ = self.current.record(latency.as_nanos() as u64);
+    }
+
+    /// Moves to a new window once the current one is a second old (and forgets both if the last
+    /// write is older than that).
+    fn rotate(&mut self) {
+        let age = self.current_since.elapsed();
+        if age < Self::WINDOW {
+            return;
+        }
+        std::mem::swap(&mut self.current, &mut self.last);
+        self.current.reset();
+        if age >= 2 * Self::WINDOW {
+            self.last.reset();
+        }
+        self.current_since = std::time::Instant::now();
+    }
+
+    fn last_second(&mut self) -> &Histogram<u64> {
+        self.rotate();
+        &self.last
+    }
+}
+
+fn status_json(node: &mut PrimaryNode, mode: Mode) -> String {
+    let ack = node.ack_latencies.last_second();
+    let ack_latency = format!(
+        "{{\"count\":{},\"p50\":{},\"p99\":{}}}",
+        ack.len(),
+        ack.value_at_quantile(0.5) / 1000,
+        ack.value_at_quantile(0.99) / 1000
+    );
     let primary = &node.primary;
     let stats = primary.stats();
     let (lag_ops, lag_bytes) = primary.lag();
     format!(
-        "{{\"role\":\"primary\",\"epoch\":{},\"mode\":\"{}\",\"stopped\":{},\"last_seq\":{},\"last_acked_seq\":{},\"order_acked_through\":{},\"payload_done_through\":{},\"dr_applied_through\":{},\"lag_ops\":{},\"lag_bytes\":{},\"ring_used_bytes\":{},\"ring_bytes\":{},\"dr_link_up\":{},\"aux_connected\":{},\"lease_valid\":{},\"admitted\":{},\"acked\":{},\"acked_degraded\":{},\"backpressure\":{},\"waiting_clients\":{},\"order_round_trip_us\":{{\"count\":{},\"p50\":{},\"p99\":{}}}}}",
+        "{{\"role\":\"primary\",\"epoch\":{},\"mode\":\"{}\",\"stopped\":{},\"last_seq\":{},\"last_acked_seq\":{},\"order_acked_through\":{},\"payload_done_through\":{},\"dr_applied_through\":{},\"lag_ops\":{},\"lag_bytes\":{},\"ring_used_bytes\":{},\"ring_bytes\":{},\"dr_link_up\":{},\"aux_connected\":{},\"lease_valid\":{},\"admitted\":{},\"acked\":{},\"acked_degraded\":{},\"backpressure\":{},\"waiting_clients\":{},\"order_round_trip_us\":{{\"count\":{},\"p50\":{},\"p99\":{}}},\"ack_latency_last_second_us\":{}}}",
         primary.config().epoch,
         mode.name(),
         admin::json_string(&primary.stopped().map(|s| format!("{s:?}")).unwrap_or_default()),
@@ -792,6 +853,7 @@ fn status_json(node: &PrimaryNode, mode: Mode) -> String {
         node.waiting.len(),
         node.order_round_trips.borrow().len(),
         node.order_round_trips.borrow().value_at_quantile(0.5) / 1000,
-        node.order_round_trips.borrow().value_at_quantile(0.99) / 1000
+        node.order_round_trips.borrow().value_at_quantile(0.99) / 1000,
+        ack_latency
     )
 }
