@@ -15,6 +15,10 @@ cargo build --release --locked -p ordinal
 ./target/release/ordinal sim --first 1000000 --seeds 200000
 # The loopback benchmark, briefly: it must run end to end (figures printed, no write failing).
 cargo bench --locked -p ordinal-bench --bench loopback -- --samples 300 --seconds 1
+# And the sweep, on two points: it must measure, compare and write its JSON, .hgrm and plots.
+rm -rf target/bench-smoke
+./target/release/ordinal bench --modes order-sync --sizes 4096 --queue-depths 1,4 --point-ms 200 --out target/bench-smoke
+test -s target/bench-smoke/results.json && test -s target/bench-smoke/throughput-by-size.svg
 # Real RDMA: the verbs tests and perftest in a soft-RoCE guest (skipped loudly where QEMU cannot run).
 tools/guest/suite.sh
 awk '/^test result:/ { passed += $4; failed += $6 } END { printf "tests: %d passed, %d failed\n", passed, failed }' "$log"

@@ -69,8 +69,8 @@ fn parse() -> Result<LoopbackConfig, String> {
             other => return Err(format!("unknown option {other}")),
         }
     }
-    if config.write_bytes == 0 || config.write_bytes % 4096 != 0 || config.write_bytes > 1 << 20 {
-        return Err("--write-bytes must be a multiple of 4096, at most 1 MiB".into());
+    if config.write_bytes == 0 || config.write_bytes % 512 != 0 || config.write_bytes > 1 << 20 {
+        return Err("--write-bytes must be a multiple of 512, at most 1 MiB".into());
     }
     config.transport =
         TransportChoice::parse(&transport, &device, Duration::from_micros(poll_spin_us))?;

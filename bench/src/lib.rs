@@ -4,3 +4,5 @@
 
 pub mod core_loop;
 pub mod loopback;
+pub mod output;
+pub mod sweep;

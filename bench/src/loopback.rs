@@ -128,7 +128,7 @@ fn nbd_throughput(
     })
 }
 
-fn histogram() -> Histogram<u64> {
+pub(crate) fn histogram() -> Histogram<u64> {
     Histogram::new_with_bounds(1, 60_000_000_000, 3).expect("valid bounds")
 }
 
@@ -138,7 +138,10 @@ fn free_port() -> Result<SocketAddr, String> {
         .map_err(|error| format!("no free loopback port: {error}"))
 }
 
-fn executor_thread<F, Fut>(name: &str, body: F) -> Result<std::thread::JoinHandle<()>, String>
+pub(crate) fn executor_thread<F, Fut>(
+    name: &str,
+    body: F,
+) -> Result<std::thread::JoinHandle<()>, String>
 where
     F: FnOnce() -> Fut + Send + 'static,
     Fut: std::future::Future<Output = Result<(), String>> + 'static,
@@ -152,6 +155,16 @@ where
 
 /// A raw TCP ping-pong of `message_bytes` each way between two executors on two threads.
 pub fn pingpong(message_bytes: usize, rounds: u64) -> Result<Histogram<u64>, String> {
+    pingpong_sized(message_bytes, message_bytes, rounds)
+}
+
+/// A raw TCP ping-pong of `request_bytes` out and `reply_bytes` back (a write and its
+/// acknowledgement), between two executors on two threads.
+pub fn pingpong_sized(
+    request_bytes: usize,
+    reply_bytes: usize,
+    rounds: u64,
+) -> Result<Histogram<u64>, String> {
     let listener = std::net::TcpListener::bind("127.0.0.1:0").map_err(|error| error.to_string())?;
     let addr = listener.local_addr().map_err(|error| error.to_string())?;
     drop(listener);
@@ -163,10 +176,11 @@ pub fn pingpong(message_bytes: usize, rounds: u64) -> Result<Histogram<u64>, Str
         stream
             .set_nodelay(true)
             .map_err(|error| error.to_string())?;
-        let mut message = vec![0u8; message_bytes];
-        while stream.read_exact(&mut message).await.is_ok() {
+        let mut request = vec![0u8; request_bytes];
+        let reply = vec![0xa5u8; reply_bytes];
+        while stream.read_exact(&mut request).await.is_ok() {
             stream
-                .write_all(&message)
+                .write_all(&reply)
                 .await
                 .map_err(|error| error.to_string())?;
         }
@@ -183,16 +197,17 @@ pub fn pingpong(message_bytes: usize, rounds: u64) -> Result<Histogram<u64>, Str
         stream
             .set_nodelay(true)
             .map_err(|error| error.to_string())?;
-        let mut message = vec![0x5au8; message_bytes];
+        let request = vec![0x5au8; request_bytes];
+        let mut reply = vec![0u8; reply_bytes];
         let mut latencies = histogram();
         for round in 0..2 * rounds {
             let started = Instant::now();
             stream
-                .write_all(&message)
+                .write_all(&request)
                 .await
                 .map_err(|error| error.to_string())?;
             stream
-                .read_exact(&mut message)
+                .read_exact(&mut reply)
                 .await
                 .map_err(|error| error.to_string())?;
             if round >= rounds {
@@ -226,7 +241,7 @@ fn make_volume(path: &Path) -> Result<(), String> {
 /// Starts aux and DR on their own threads and the primary on a third, and runs `workload` on
 /// the primary's executor once it is ready. Returns what the workload sends back; the daemons
 /// keep running until the process exits.
-fn with_system<T, W, Fut>(config: &LoopbackConfig, workload: W) -> Result<T, String>
+pub(crate) fn with_system<T, W, Fut>(config: &LoopbackConfig, workload: W) -> Result<T, String>
 where
     T: Send + 'static,
     W: FnOnce(PrimaryHandle) -> Fut + Send + 'static,
@@ -240,7 +255,9 @@ where
     let psk = b"loopback-benchmark-key-0123456789".to_vec();
     let geometry = Geometry {
         volume_bytes: VOLUME_BYTES,
-        sector_bytes: 4096,
+        // 512 lets `ordinal bench` sweep from 512-byte writes; tmpfs and this machine's disks
+        // take direct I/O at that alignment.
+        sector_bytes: 512,
         ring_bytes: 64 << 20,
         table_slots: 4096,
         // No larger than the run needs: on verbs each queue pair registers a send arena sized
@@ -306,7 +323,7 @@ where
 /// the result (splitmix64's finaliser): the throughput writers number their writes
 /// `writer << 40 | k`, and a hash that ignored the high bits gave all of them the same offsets at
 /// the same time, so their local writes overlapped and ran one after another.
-fn offset_of(index: u64, write_bytes: usize) -> u64 {
+pub(crate) fn offset_of(index: u64, write_bytes: usize) -> u64 {
     let slots = VOLUME_BYTES / write_bytes as u64;
     let mut mixed = index.wrapping_add(0x9E37_79B9_7F4A_7C15);
     mixed = (mixed ^ (mixed >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);

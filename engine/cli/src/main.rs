@@ -9,6 +9,7 @@ use std::process::ExitCode;
 
 use clap::{CommandFactory, Parser, Subcommand};
 
+mod bench;
 mod config;
 mod demo;
 mod drive;
@@ -48,6 +49,9 @@ enum Command {
     Drive(drive::DriveArgs),
     /// Run the deterministic fault simulator over many seeds and check I1-I6 after every failover.
     Sim(sim::SimArgs),
+    /// Measure write-ack latency and throughput of a whole system in this process, swept over
+    /// mode, payload size and queue depth, next to raw TCP baselines; writes JSON and plots.
+    Bench(bench::BenchArgs),
 }
 
 fn main() -> ExitCode {
@@ -61,6 +65,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse_from(args);
     let result = match cli.command {
         Command::Sim(args) => sim::run(args),
+        Command::Bench(args) => bench::run(args),
         Command::Primary(args) => node::primary(args),
         Command::Dr(args) => node::dr(args),
         Command::Aux(args) => node::aux(args),

@@ -1,0 +1,315 @@
+//! `ordinal bench`: write-ack latency and throughput of a whole system in one process, swept over
+//! mode, payload size and queue depth, each point next to raw TCP baselines of the same sizes
+//! measured in the same run.
+//!
+//! One system (aux, DR and primary, each on its own executor and thread, as the daemons run) is
+//! started per mode, since the mode is the primary's setting; the points of that mode run on it
+//! one after another. The baselines use the same kind of sockets (glommio, `TCP_NODELAY`) between
+//! two executors: a ping-pong of the payload out and a 16-byte answer back (what a write and its
+//! acknowledgement move), and a one-way stream of payload-sized messages.
+
+use std::cell::{Cell, RefCell};
+use std::path::PathBuf;
+use std::rc::Rc;
+use std::time::{Duration, Instant};
+
+use futures_lite::{AsyncReadExt, AsyncWriteExt};
+use hdrhistogram::Histogram;
+use ordinal_proto::Mode;
+use ordinal_runtime::link::TransportChoice;
+use ordinal_runtime::primary::{PrimaryHandle, WriteOutcome};
+
+use crate::loopback::LoopbackConfig;
+use crate::loopback::{executor_thread, histogram, offset_of, pingpong_sized, with_system};
+
+/// Bytes of the answer in the ping-pong baseline: about an acknowledgement.
+pub const ACK_BYTES: usize = 16;
+
+#[derive(Clone, Debug)]
+pub struct SweepConfig {
+    /// Where volumes and state files go (a fresh subdirectory per mode, removed afterwards).
+    pub dir: PathBuf,
+    pub transport: TransportChoice,
+    pub modes: Vec<Mode>,
+    pub sizes: Vec<usize>,
+    pub queue_depths: Vec<usize>,
+    /// Measured time per point, after a warm-up of a tenth of it.
+    pub point_time: Duration,
+}
+
+/// One measured point.
+#[derive(Debug)]
+pub struct Point {
+    pub mode: Mode,
+    pub write_bytes: usize,
+    pub queue_depth: usize,
+    /// Write-ack latency of every acknowledged write, nanoseconds.
+    pub latency_ns: Histogram<u64>,
+    pub writes: u64,
+    pub failed: u64,
+    pub elapsed: Duration,
+}
+
+impl Point {
+    pub fn writes_per_second(&self) -> f64 {
+        self.writes as f64 / self.elapsed.as_secs_f64()
+    }
+
+    pub fn megabytes_per_second(&self) -> f64 {
+        self.writes_per_second() * self.write_bytes as f64 / 1e6
+    }
+}
+
+/// The raw TCP baselines of one payload size.
+#[derive(Debug)]
+pub struct Baseline {
+    pub write_bytes: usize,
+    /// Payload out, `ACK_BYTES` back, one at a time, nanoseconds.
+    pub pingpong_ns: Histogram<u64>,
+    /// One-way stream of payload-sized messages.
+    pub stream_megabytes_per_second: f64,
+}
+
+#[derive(Debug)]
+pub struct Sweep {
+    pub points: Vec<Point>,
+    pub baselines: Vec<Baseline>,
+}
+
+impl Sweep {
+    pub fn baseline(&self, write_bytes: usize) -> Option<&Baseline> {
+        self.baselines
+            .iter()
+            .find(|baseline| baseline.write_bytes == write_bytes)
+    }
+}
+
+/// Refuses what the loopback system cannot run.
+pub fn validate(config: &SweepConfig) -> Result<(), String> {
+    if config.modes.is_empty() || config.sizes.is_empty() || config.queue_depths.is_empty() {
+        return Err("give at least one mode, size and queue depth".into());
+    }
+    if let Some(size) = config
+        .sizes
+        .iter()
+        .find(|&&size| size == 0 || size % 512 != 0 || size > 1 << 20)
+    {
+        return Err(format!(
+            "payload size {size}: sizes must be multiples of 512 from 512 to 1 MiB (the volumes' sector)"
+        ));
+    }
+    if let Some(depth) = config
+        .queue_depths
+        .iter()
+        .find(|&&depth| !(1..=256).contains(&depth))
+    {
+        return Err(format!("queue depth {depth}: from 1 to 256"));
+    }
+    if config.point_time < Duration::from_millis(100) {
+        return Err("each point needs at least 100 ms".into());
+    }
+    Ok(())
+}
+
+/// Runs every point and every baseline; `progress` hears about each as it finishes.
+pub fn run(config: &SweepConfig, progress: &mut dyn FnMut(&str)) -> Result<Sweep, String> {
+    validate(config)?;
+    let mut baselines = Vec::new();
+    for &write_bytes in &config.sizes {
+        let rounds = (config.point_time.as_secs_f64() * 2000.0).clamp(200.0, 20_000.0) as u64;
+        let pingpong_ns = pingpong_sized(write_bytes, ACK_BYTES, rounds)?;
+        let stream_megabytes_per_second = tcp_stream(write_bytes, config.point_time)?;
+        progress(&format!(
+            "baseline {write_bytes} B: ping-pong p50 {:.1} us, stream {stream_megabytes_per_second:.0} MB/s",
+            pingpong_ns.value_at_quantile(0.5) as f64 / 1000.0
+        ));
+        baselines.push(Baseline {
+            write_bytes,
+            pingpong_ns,
+            stream_megabytes_per_second,
+        });
+    }
+    let mut points = Vec::new();
+    for &mode in &config.modes {
+        let system = LoopbackConfig {
+            dir: config.dir.join(format!(
+                "ordinal-bench-{}-{}",
+                mode.name(),
+                std::process::id()
+            )),
+            mode,
+            write_bytes: config.sizes.iter().copied().max().unwrap_or(4096),
+            latency_samples: 0,
+            queue_depth: 1,
+            throughput_time: config.point_time,
+            transport: config.transport.clone(),
+        };
+        let plan: Vec<(usize, usize)> = config
+            .sizes
+            .iter()
+            .flat_map(|&size| config.queue_depths.iter().map(move |&depth| (size, depth)))
+            .collect();
+        let point_time = config.point_time;
+        let (sender, receiver) = std::sync::mpsc::channel();
+        let measured = std::thread::scope(|scope| {
+            let worker = scope.spawn(|| {
+                with_system(&system, move |handle| async move {
+                    for (write_bytes, queue_depth) in plan {
+                        let point =
+                            measure(&handle, mode, write_bytes, queue_depth, point_time).await;
+                        if sender.send(point).is_err() {
+                            break;
+                        }
+                    }
+                })
+            });
+            let mut measured = Vec::new();
+            for point in receiver.iter() {
+                progress(&format!(
+                    "{} {} B QD {}: p50 {:.1} us, p99 {:.1} us, {:.0} writes/s, {:.1} MB/s{}",
+                    point.mode.name(),
+                    point.write_bytes,
+                    point.queue_depth,
+                    point.latency_ns.value_at_quantile(0.5) as f64 / 1000.0,
+                    point.latency_ns.value_at_quantile(0.99) as f64 / 1000.0,
+                    point.writes_per_second(),
+                    point.megabytes_per_second(),
+                    if point.failed > 0 {
+                        format!(", {} FAILED", point.failed)
+                    } else {
+                        String::new()
+                    }
+                ));
+                measured.push(point);
+            }
+            worker
+                .join()
+                .map_err(|_| "the system thread panicked".to_string())??;
+            Ok::<_, String>(measured)
+        })?;
+        let _ = std::fs::remove_dir_all(&system.dir);
+        points.extend(measured);
+    }
+    Ok(Sweep { points, baselines })
+}
+
+/// `queue_depth` writers, each one write at a time, for a tenth of `time` unmeasured and then
+/// `time` measured.
+async fn measure(
+    handle: &PrimaryHandle,
+    mode: Mode,
+    write_bytes: usize,
+    queue_depth: usize,
+    time: Duration,
+) -> Point {
+    let latencies = Rc::new(RefCell::new(histogram()));
+    let (writes, failed) = (Rc::new(Cell::new(0u64)), Rc::new(Cell::new(0u64)));
+    let warm_until = Instant::now() + time / 10;
+    let measured_from = Rc::new(Cell::new(None::<Instant>));
+    let deadline = warm_until + time;
+    let mut writers = Vec::new();
+    for writer in 0..queue_depth as u64 {
+        let (handle, latencies, writes, failed) = (
+            handle.clone(),
+            latencies.clone(),
+            writes.clone(),
+            failed.clone(),
+        );
+        let measured_from = measured_from.clone();
+        writers.push(glommio::spawn_local(async move {
+            let mut index = writer << 40;
+            loop {
+                let began = Instant::now();
+                if began >= deadline {
+                    break;
+                }
+                let outcome = handle
+                    .write(
+                        offset_of(index, write_bytes),
+                        vec![index as u8; write_bytes],
+                    )
+                    .await;
+                index += 1;
+                if began < warm_until {
+                    continue;
+                }
+                if measured_from.get().is_none() {
+                    measured_from.set(Some(began));
+                }
+                match outcome {
+                    WriteOutcome::Acked { .. } => {
+                        writes.set(writes.get() + 1);
+                        let _ = latencies
+                            .borrow_mut()
+                            .record(began.elapsed().as_nanos() as u64);
+                    }
+                    WriteOutcome::Failed(_) => failed.set(failed.get() + 1),
+                }
+            }
+        }));
+    }
+    for writer in writers {
+        writer.await;
+    }
+    let elapsed = measured_from
+        .get()
+        .map_or(Duration::ZERO, |from| from.elapsed())
+        .max(Duration::from_millis(1));
+    let latency_ns = latencies.borrow().clone();
+    Point {
+        mode,
+        write_bytes,
+        queue_depth,
+        latency_ns,
+        writes: writes.get(),
+        failed: failed.get(),
+        elapsed,
+    }
+}
+
+/// A one-way TCP stream of `message_bytes` messages for `time`; megabytes per second received.
+pub fn tcp_stream(message_bytes: usize, time: Duration) -> Result<f64, String> {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").map_err(|error| error.to_string())?;
+    let addr = listener.local_addr().map_err(|error| error.to_string())?;
+    drop(listener);
+    let (bound_tx, bound_rx) = std::sync::mpsc::channel();
+    let (result_tx, result_rx) = std::sync::mpsc::channel();
+    let receiver = executor_thread("stream-receiver", move || async move {
+        let listener = glommio::net::TcpListener::bind(addr).map_err(|error| error.to_string())?;
+        let _ = bound_tx.send(());
+        let mut stream = listener.accept().await.map_err(|error| error.to_string())?;
+        let mut message = vec![0u8; message_bytes];
+        let mut received = 0u64;
+        let mut started = None;
+        while stream.read_exact(&mut message).await.is_ok() {
+            started.get_or_insert_with(Instant::now);
+            received += message_bytes as u64;
+        }
+        let seconds = started.map_or(1.0, |at: Instant| at.elapsed().as_secs_f64());
+        let _ = result_tx.send(received as f64 / seconds / 1e6);
+        Ok(())
+    })?;
+    bound_rx
+        .recv_timeout(Duration::from_secs(10))
+        .map_err(|_| "stream receiver did not start".to_string())?;
+    let sender = executor_thread("stream-sender", move || async move {
+        let mut stream = glommio::net::TcpStream::connect(addr)
+            .await
+            .map_err(|error| error.to_string())?;
+        let message = vec![0x5au8; message_bytes];
+        let deadline = Instant::now() + time;
+        while Instant::now() < deadline {
+            stream
+                .write_all(&message)
+                .await
+                .map_err(|error| error.to_string())?;
+        }
+        stream.close().await.map_err(|error| error.to_string())
+    })?;
+    let megabytes_per_second = result_rx
+        .recv_timeout(time + Duration::from_secs(60))
+        .map_err(|_| "stream did not finish".to_string())?;
+    let _ = sender.join();
+    let _ = receiver.join();
+    Ok(megabytes_per_second)
+}
