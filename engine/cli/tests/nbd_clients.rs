@@ -289,6 +289,33 @@ fn assert_dr_identical(cluster: &Cluster) {
     );
 }
 
+/// Writes an image of `bytes` pseudo-random bytes (from `seed`) into the export with
+/// `qemu-img convert`, copies the whole export back out with `nbdcopy` over four connections,
+/// and returns both.
+fn image_in_and_out(dir: &Path, addr: SocketAddr, bytes: u64, seed: u64) -> (Vec<u8>, Vec<u8>) {
+    let image: Vec<u8> = (0..bytes)
+        .map(|i| (i.wrapping_mul(seed) >> 11) as u8)
+        .collect();
+    let image_path = dir.join("image.raw");
+    std::fs::write(&image_path, &image).unwrap();
+    let image_arg = image_path.display().to_string();
+    let convert = [
+        "convert",
+        "-n",
+        "-f",
+        "raw",
+        "-O",
+        "raw",
+        &image_arg,
+        &url(addr),
+    ];
+    run("qemu-img", &convert);
+    let out_path = dir.join("out.raw");
+    let out_arg = out_path.display().to_string();
+    run("nbdcopy", &["--connections=4", &url(addr), &out_arg]);
+    (image, std::fs::read(&out_path).unwrap())
+}
+
 #[test]
 fn real_clients_write_read_and_copy_images_through_the_primary() {
     if !clients_present() {
@@ -344,29 +371,11 @@ fn real_clients_write_read_and_copy_images_through_the_primary() {
     assert_clean(&qemu_io(nbd, &commands));
 
     // An image in with qemu-img, out with nbdcopy (several connections), and the other way.
-    let image: Vec<u8> = (0..8u64 << 20)
-        .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
-        .collect();
+    let (image, out) = image_in_and_out(&cluster.dir, nbd, 8 << 20, 2_654_435_761);
     let image_path = cluster.dir.join("image.raw");
-    std::fs::write(&image_path, &image).unwrap();
     let image_arg = image_path.display().to_string();
-    run(
-        "qemu-img",
-        &[
-            "convert",
-            "-n",
-            "-f",
-            "raw",
-            "-O",
-            "raw",
-            &image_arg,
-            &url(nbd),
-        ],
-    );
     let out_path = cluster.dir.join("out.raw");
     let out_arg = out_path.display().to_string();
-    run("nbdcopy", &["--connections=4", &url(nbd), &out_arg]);
-    let out = std::fs::read(&out_path).unwrap();
     assert_eq!(out.len() as u64, VOLUME_BYTES);
     assert!(
         out[..image.len()] == image[..],
@@ -545,29 +554,7 @@ fn a_client_carries_on_at_the_promoted_dr_after_the_primary_is_killed() {
     // The client carries on at the DR: write, flush, read back; an image in and out.
     let commands = ["write -P 0x77 16M 1M", "flush", "read -P 0x77 16M 1M"].map(String::from);
     assert_clean(&qemu_io(dr_nbd, &commands));
-    let image: Vec<u8> = (0..4u64 << 20)
-        .map(|i| (i.wrapping_mul(40_503) >> 7) as u8)
-        .collect();
-    let image_path = cluster.dir.join("image.raw");
-    std::fs::write(&image_path, &image).unwrap();
-    let image_arg = image_path.display().to_string();
-    run(
-        "qemu-img",
-        &[
-            "convert",
-            "-n",
-            "-f",
-            "raw",
-            "-O",
-            "raw",
-            &image_arg,
-            &url(dr_nbd),
-        ],
-    );
-    let out_path = cluster.dir.join("dr-out.raw");
-    let out_arg = out_path.display().to_string();
-    run("nbdcopy", &["--connections=4", &url(dr_nbd), &out_arg]);
-    let out = std::fs::read(&out_path).unwrap();
+    let (image, out) = image_in_and_out(&cluster.dir, dr_nbd, 4 << 20, 40_503);
     assert!(
         out[..image.len()] == image[..],
         "the promoted DR gave back other bytes than it took"
