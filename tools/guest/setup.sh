@@ -55,22 +55,25 @@ flock -w 600 9 || die "another setup.sh held $guest_cache/lock for 10 minutes"
 
 # ---- guest packages -------------------------------------------------------------------------
 # Packages whose programs go into the image, and which of their files: all of perftest's,
-# ibverbs-utils' and rdmacm-utils' programs, iproute2's `rdma` (busybox provides `ip`), and bash
-# for commands written in bash (the project's own scripts are). Busybox is handled below.
+# ibverbs-utils' and rdmacm-utils' programs, iproute2's `rdma` and `tc` (busybox provides `ip`;
+# its `tc` knows no netem, which tools/guest/wan.sh needs), and bash for commands written in bash
+# (the project's own scripts are). Busybox is handled below. Several paths are space-separated.
 declare -A tool_files=([perftest]=usr/bin [ibverbs-utils]=usr/bin [rdmacm-utils]=usr/bin
-                       [iproute2]=usr/bin/rdma [bash]=bin/bash)
+                       [iproute2]="usr/bin/rdma sbin/tc" [bash]=bin/bash)
 tool_packages=(busybox-static perftest ibverbs-utils rdmacm-utils iproute2 bash)
 # Packages whose shared libraries go into the image: rdma-core's libraries and providers, and the
 # closure of everything above (checked below with the guest's own ld.so; a library that is still
 # missing stops the build and is named). Host-built Rust binaries need libc6 and libgcc-s1 only,
 # plus libibverbs1/librdmacm1 when they use verbs; libstdc++ is not needed by anything here.
 library_packages=(libc6 libgcc-s1 libibverbs1 ibverbs-providers libibumad3 librdmacm1
-                  libnl-3-200 libnl-route-3-200 libpci3 libudev1 zlib1g libmnl0 libbsd0 libmd0 libcap2 libtinfo6)
+                  libnl-3-200 libnl-route-3-200 libpci3 libudev1 zlib1g libmnl0 libbsd0 libmd0 libcap2 libtinfo6
+                  libbpf1 libelf1 libxtables12)
 read -r -a extra_packages <<<"${ORDINAL_GUEST_EXTRA_PACKAGES:-}"
 library_packages+=("${extra_packages[@]}")
 # Kernel modules to load, with their modules.dep closure. crc32_generic is not in modules.dep but
 # rdma_rxe asks for the crc32 algorithm at run time ("failed to init crc32 algorithm err:-2").
-wanted_modules=(crc32_generic virtio_pci virtio_net rdma_rxe ib_uverbs ib_umad rdma_ucm 9pnet_virtio 9p)
+wanted_modules=(crc32_generic virtio_pci virtio_net rdma_rxe ib_uverbs ib_umad rdma_ucm 9pnet_virtio 9p
+                sch_netem)
 
 # Fast path: the candidate versions can only change when apt's lists or pinning change. If neither
 # they nor the scripts changed since the last build, the image is current (no apt-cache: ~1 s).
@@ -170,12 +173,13 @@ trap 'rm -rf "$tree"' EXIT
 mkdir -p "$tree"/{bin,sbin,usr/bin,usr/sbin,lib/modules,etc/libibverbs.d,proc,sys,dev,tmp,run,host,root,mnt}
 
 for pkg in "${!tool_files[@]}"; do
-  path=${tool_files[$pkg]}
-  if [[ -d $(stage_of "$pkg")/$path ]]; then
-    mkdir -p "$tree/$path" && cp -a "$(stage_of "$pkg")/$path/." "$tree/$path/"
-  else
-    cp -a "$(stage_of "$pkg")/$path" "$tree/$path"
-  fi || die "could not copy $path from $pkg"
+  for path in ${tool_files[$pkg]}; do
+    if [[ -d $(stage_of "$pkg")/$path ]]; then
+      mkdir -p "$tree/$path" && cp -a "$(stage_of "$pkg")/$path/." "$tree/$path/"
+    else
+      cp -a "$(stage_of "$pkg")/$path" "$tree/$path"
+    fi || die "could not copy $path from $pkg"
+  done
 done
 # Shared libraries (with their symlinks) and the loader, keeping Debian's paths; no gconv.
 for pkg in "${library_packages[@]}"; do

@@ -39,9 +39,62 @@ pub struct BenchArgs {
     /// With --transport verbs: how long a queue pair polls after its last completion (µs).
     #[arg(long, default_value_t = 50)]
     pub poll_spin_us: u64,
+    /// Measure a running primary instead, through its NBD export at this address: one write at
+    /// a time per size (the mode is the primary's). Prints p50/p99 per size; writes no files.
+    #[arg(long, value_name = "ADDR")]
+    pub nbd: Option<std::net::SocketAddr>,
+    /// With --nbd: writes per size, fewer for large sizes so that each size writes at most
+    /// 32 MiB (the lag then stays within a ring of 64 MiB, the default).
+    #[arg(long, default_value_t = 100)]
+    pub writes: u64,
+}
+
+/// `--nbd`: write-ack latency of a running primary, one write at a time, per size.
+fn against_nbd(
+    addr: std::net::SocketAddr,
+    sizes: &[usize],
+    writes: u64,
+) -> Result<ExitCode, String> {
+    let error = |error: ordinal_nbd::ClientError| format!("NBD {addr}: {error}");
+    let mut client = ordinal_nbd::Client::connect(
+        addr,
+        ordinal_runtime::nbd::EXPORT_NAME,
+        Duration::from_secs(60),
+    )
+    .map_err(error)?;
+    let volume_bytes = client.size_bytes();
+    for &size in sizes {
+        if size == 0 || size % 4096 != 0 || size as u64 > volume_bytes {
+            return Err(format!(
+                "size {size}: a multiple of 4096, at most the volume"
+            ));
+        }
+        let count = writes.min((32 << 20) / size as u64).max(1);
+        let mut latencies = hdrhistogram::Histogram::<u64>::new_with_bounds(1, 600_000_000_000, 3)
+            .map_err(|error| error.to_string())?;
+        let slots = volume_bytes / size as u64;
+        for index in 0..count {
+            let data = vec![index as u8; size];
+            let started = std::time::Instant::now();
+            client
+                .write((index % slots) * size as u64, &data)
+                .map_err(error)?;
+            let _ = latencies.record(started.elapsed().as_micros() as u64);
+        }
+        println!(
+            "nbd {size} B QD 1: {count} writes, p50 {} us, p99 {} us, max {} us",
+            latencies.value_at_quantile(0.5),
+            latencies.value_at_quantile(0.99),
+            latencies.max()
+        );
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 pub fn run(args: BenchArgs) -> Result<ExitCode, String> {
+    if let Some(addr) = args.nbd {
+        return against_nbd(addr, &args.sizes, args.writes);
+    }
     let modes = args
         .modes
         .iter()

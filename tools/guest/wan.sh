@@ -1,0 +1,106 @@
+#!/usr/bin/env bash
+# The patent's claim on an emulated long-distance link: two soft-RoCE guests (site: aux, primary
+# and the client; dr: the DR) whose link gets netem's delay and rate limit on both sides
+# (default 5 ms each way, so a 10 ms round trip, and 100 Mbit/s). For each mode (order-sync,
+# then sync) the primary serves NBD and `ordinal bench --nbd` writes one block at a time per
+# payload size. Prints, per size, the p50 of both modes, sync / order-sync, and order-sync's p50
+# in round trips of the link (ping's average, measured in the same run).
+#
+# order-sync acknowledges once the local write is done and the DR holds the order record: one
+# round trip of a small message whatever the payload, while the lag is within the DR's ring
+# (each size writes at most 32 MiB, half the default ring). sync waits for the payload too, so it
+# grows with payload / bandwidth. The transport is TCP: long links are often plain TCP, and
+# netem shapes both alike.
+#
+# The link is a delay (netem) followed by a rate-limited bottleneck (tbf) that serves a
+# strict-priority queue (prio), as a WAN router that honours DSCP would: ordinal marks its order
+# connection EF / priority 6, so order records do not wait behind payload bursts.
+# --fifo gives one queue for everything instead, to see what that marking is worth.
+#
+#   tools/guest/wan.sh [--delay-ms 5] [--rate 100mbit] [--sizes 4096,65536,262144,1048576]
+#                      [--writes 40] [--fifo]
+set -euo pipefail
+prog=wan.sh
+. "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
+repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
+cd "$repo"
+
+delay_ms=5
+rate=100mbit
+sizes=4096,65536,262144,1048576
+writes=40
+fifo=0
+while (($#)); do
+  case "$1" in
+    --delay-ms) delay_ms=$2; shift 2 ;;
+    --rate) rate=$2; shift 2 ;;
+    --sizes) sizes=$2; shift 2 ;;
+    --writes) writes=$2; shift 2 ;;
+    --fifo) fifo=1; shift ;;
+    -h|--help) usage; exit 0 ;;
+    *) die "unknown argument $1" ;;
+  esac
+done
+
+cargo build --locked --release -p ordinal
+bin=./target/release/ordinal
+shared=target/guest-wan
+# iproute2's tc (busybox's knows no netem); queues long enough that the rate limit delays
+# packets instead of dropping them.
+tc=/sbin/tc
+if ((fifo)); then
+  netem="$tc qdisc add dev eth0 root netem delay ${delay_ms}ms rate $rate limit 100000"
+else
+  netem="$tc qdisc add dev eth0 root handle 1: netem delay ${delay_ms}ms limit 100000
+    $tc qdisc add dev eth0 parent 1:1 handle 10: tbf rate $rate burst 64kb latency 10s
+    $tc qdisc add dev eth0 parent 10:1 handle 20: prio"
+fi
+declare -A p50 rtt
+for mode in order-sync sync; do
+  rm -rf "$shared" && mkdir -p "$shared"
+  head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n' >"$shared/psk"
+  common="--psk-file $shared/psk --ring-mib 64 --table-slots 4096 --max-write-kib 1024 --transport tcp"
+  run_dir=$(mktemp -d "${TMPDIR:-/tmp}/ordinal-wan.XXXXXX")
+  tools/guest/cluster.sh --quiet --mem 2G --timeout 900 --run-dir "$run_dir" \
+    --guest "site=$netem
+      $bin aux $common --state-dir /tmp/aux --listen 10.77.0.1:7430 >/tmp/aux.log 2>&1 &
+      truncate -s 256M /tmp/primary.vol
+      $bin primary $common --mode $mode --volume /tmp/primary.vol --dr 10.77.0.2:7420 --aux 10.77.0.1:7430 --listen 10.77.0.1:7410 --nbd-listen 127.0.0.1:10809 >/tmp/primary.log 2>&1 &
+      n=0; until netstat -ltn | grep -q ':10809 '; do n=\$((n + 1)); [ \$n -le 300 ] || exit 3; sleep 0.1; done
+      echo '== link'; ping -c 10 10.77.0.2 | tail -n 1
+      # Unmeasured: connects the DR and warms both sides up.
+      $bin bench --nbd 127.0.0.1:10809 --sizes 4096 --writes 20 >/dev/null; rc=\$?
+      echo '== $mode'
+      [ \$rc -ne 0 ] || $bin bench --nbd 127.0.0.1:10809 --sizes $sizes --writes $writes; rc=\$?
+      [ \$rc -eq 0 ] || tail -n 20 /tmp/primary.log
+      touch $shared/done; exit \$rc" \
+    --guest "dr=$netem
+      truncate -s 256M /tmp/dr.vol
+      $bin dr $common --state-dir /tmp/dr --listen 10.77.0.2:7420 --volume /tmp/dr.vol --aux 10.77.0.1:7430 --no-auto-failover >/tmp/dr.log 2>&1 &
+      while [ ! -e $shared/done ]; do sleep 0.5; done; exit 0" \
+    && rc=0 || rc=$?
+  log=$(tr -d '\r' <"$run_dir/site.log")
+  if ((rc != 0)); then
+    printf '%s\n' "$log" | tail -n 30 | sed 's/^/    | /'
+    die "$mode run failed (exit $rc); consoles in $run_dir"
+  fi
+  # busybox ping: "round-trip min/avg/max = 10.4/10.9/11.8 ms"
+  rtt[$mode]=$(printf '%s\n' "$log" | sed -n 's|^round-trip min/avg/max = [0-9.]*/\([0-9.]*\)/.*|\1|p' | tail -n 1)
+  while read -r size value; do p50[$mode,$size]=$value; done < <(
+    printf '%s\n' "$log" | sed -n 's/^nbd \([0-9]*\) B QD 1: .* p50 \([0-9]*\) us.*/\1 \2/p')
+  printf '%s\n' "$log" | grep -E '^(== |nbd |round-trip)' | sed "s/^/$mode: /"
+  rm -rf "$run_dir"
+done
+rm -rf "$shared"
+
+printf '\nlink: delay %s ms each way, rate %s, %s; ping round trip %s ms (order-sync run), %s ms (sync run)\n' \
+  "$delay_ms" "$rate" "$( ((fifo)) && echo 'one FIFO queue' || echo 'order traffic in a priority band')" "${rtt[order-sync]:-?}" "${rtt[sync]:-?}"
+printf '%10s %16s %12s %12s %20s\n' "payload" "order-sync p50" "sync p50" "sync / o-s" "o-s p50 / RTT"
+IFS=, read -r -a size_list <<<"$sizes"
+for size in "${size_list[@]}"; do
+  os=${p50[order-sync,$size]:-} sy=${p50[sync,$size]:-}
+  [[ -n $os && -n $sy ]] || die "no figure for $size B"
+  awk -v size="$size" -v os="$os" -v sy="$sy" -v rtt="${rtt[order-sync]}" 'BEGIN {
+    printf "%10s %13.1f ms %9.1f ms %11.2fx %19.2fx\n", size " B", os / 1000, sy / 1000, sy / os, os / 1000 / rtt }'
+done
+echo "(target: order-sync p50 for 1 MiB <= 1.2x the link round trip)"
