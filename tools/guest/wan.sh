@@ -72,6 +72,7 @@ for mode in order-sync sync; do
       $bin bench --nbd 127.0.0.1:10809 --sizes 4096 --writes 20 >/dev/null; rc=\$?
       echo '== $mode'
       [ \$rc -ne 0 ] || $bin bench --nbd 127.0.0.1:10809 --sizes $sizes --writes $writes; rc=\$?
+      echo '== primary status'; $bin status --json --node 10.77.0.1:7410 --psk-file $shared/psk
       [ \$rc -eq 0 ] || tail -n 20 /tmp/primary.log
       touch $shared/done; exit \$rc" \
     --guest "dr=$netem
@@ -88,7 +89,7 @@ for mode in order-sync sync; do
   rtt[$mode]=$(printf '%s\n' "$log" | sed -n 's|^round-trip min/avg/max = [0-9.]*/\([0-9.]*\)/.*|\1|p' | tail -n 1)
   while read -r size value; do p50[$mode,$size]=$value; done < <(
     printf '%s\n' "$log" | sed -n 's/^nbd \([0-9]*\) B QD 1: .* p50 \([0-9]*\) us.*/\1 \2/p')
-  printf '%s\n' "$log" | grep -E '^(== |nbd |round-trip)' | sed "s/^/$mode: /"
+  printf '%s\n' "$log" | grep -E '^(== |nbd |round-trip|\{)' | sed "s/^/$mode: /"
   rm -rf "$run_dir"
 done
 rm -rf "$shared"
