@@ -10,7 +10,9 @@
 # round trip of a small message whatever the payload, while the lag is within the DR's ring
 # (each size writes at most 32 MiB, half the default ring). sync waits for the payload too, so it
 # grows with payload / bandwidth. The transport is TCP: long links are often plain TCP, and
-# netem shapes both alike.
+# netem shapes both alike. The RPO side: `ordinal status --watch` samples the primary's lag every
+# 200 ms during the run, and the largest lag seen is what a failover at the worst moment would
+# not recover (every such write is then listed in the loss report, none is lost silently).
 #
 # The link is a delay (netem) followed by a rate-limited bottleneck (tbf) that serves a
 # strict-priority queue (prio), as a WAN router that honours DSCP would: ordinal marks its order
@@ -71,7 +73,11 @@ for mode in order-sync sync; do
       # Unmeasured: connects the DR and warms both sides up.
       $bin bench --nbd 127.0.0.1:10809 --sizes 4096 --writes 20 >/dev/null; rc=\$?
       echo '== $mode'
+      $bin status --watch --interval-ms 200 --node 10.77.0.1:7410 --psk-file $shared/psk >/tmp/lag.txt 2>&1 & w=\$!
       [ \$rc -ne 0 ] || $bin bench --nbd 127.0.0.1:10809 --sizes $sizes --writes $writes; rc=\$?
+      kill \$w
+      # Columns of status --watch: acked/s, last seq, lag ops, lag MiB, ...
+      awk '\$3 ~ /^[0-9]+\$/ { if (\$3 > ops) ops = \$3; if (\$4 > mib) mib = \$4 } END { printf \"rpo: largest lag seen %d ops, %.1f MiB\\n\", ops, mib }' /tmp/lag.txt
       echo '== primary status'; $bin status --json --node 10.77.0.1:7410 --psk-file $shared/psk
       [ \$rc -eq 0 ] || tail -n 20 /tmp/primary.log
       touch $shared/done; exit \$rc" \
@@ -89,7 +95,7 @@ for mode in order-sync sync; do
   rtt[$mode]=$(printf '%s\n' "$log" | sed -n 's|^round-trip min/avg/max = [0-9.]*/\([0-9.]*\)/.*|\1|p' | tail -n 1)
   while read -r size value; do p50[$mode,$size]=$value; done < <(
     printf '%s\n' "$log" | sed -n 's/^nbd \([0-9]*\) B QD 1: .* p50 \([0-9]*\) us.*/\1 \2/p')
-  printf '%s\n' "$log" | grep -E '^(== |nbd |round-trip|\{)' | sed "s/^/$mode: /"
+  printf '%s\n' "$log" | grep -E '^(== |nbd |round-trip|rpo: |\{)' | sed "s/^/$mode: /"
   rm -rf "$run_dir"
 done
 rm -rf "$shared"
