@@ -681,3 +681,51 @@ fn hostile_clients_are_cut_off_while_a_real_client_carries_on() {
         .contains("\"stopped\":\"\""));
     assert_dr_identical(&cluster);
 }
+
+/// The most memory the process ever had resident (`VmHWM`), in MiB.
+fn peak_resident_mib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let line = status
+        .lines()
+        .find(|line| line.starts_with("VmHWM:"))
+        .unwrap();
+    let kib: u64 = line.split_whitespace().nth(1).unwrap().parse().unwrap();
+    kib >> 10
+}
+
+#[test]
+fn a_client_that_pipelines_reads_and_reads_no_replies_cannot_make_the_primary_hold_them_all() {
+    if !clients_present() {
+        return;
+    }
+    let cluster = Cluster::start("nbd-clients-pipelined-reads");
+    let before = peak_resident_mib(cluster.primary.child.id());
+    // 384 READs of 1 MiB sent at once, and no reply read for two seconds: without a bound the
+    // primary would hold all 384 MiB of replies (several copies of them, measured: 686 MiB at
+    // its peak); with 64 MiB per connection in flight it stops reading requests instead.
+    const REQUESTS: u64 = 384;
+    let mut client = raw_client(cluster.primary_nbd);
+    for handle in 0..REQUESTS {
+        let offset = (handle % 32) << 20;
+        client
+            .write_all(&request(0, handle, offset, 1 << 20))
+            .unwrap();
+    }
+    std::thread::sleep(Duration::from_secs(2));
+    let mut data = vec![0u8; 1 << 20];
+    for _ in 0..REQUESTS {
+        let mut reply = [0u8; 16];
+        client.read_exact(&mut reply).unwrap();
+        assert_eq!(
+            u32::from_be_bytes(reply[4..8].try_into().unwrap()),
+            0,
+            "a READ failed"
+        );
+        client.read_exact(&mut data).unwrap();
+    }
+    let grown = peak_resident_mib(cluster.primary.child.id()) - before;
+    assert!(
+        grown < 320,
+        "the primary's peak resident memory grew by {grown} MiB"
+    );
+}

@@ -15,6 +15,7 @@
 //!   rely on the contents afterwards), and changing nothing keeps the DR identical for free.
 
 use std::cell::{Cell, RefCell};
+use std::collections::VecDeque;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
@@ -24,6 +25,7 @@ use std::time::Duration;
 use futures_lite::{AsyncReadExt, AsyncWriteExt};
 use glommio::channels::local_channel::{self, LocalSender};
 use glommio::net::{TcpListener, TcpStream};
+use glommio::sync::{Semaphore, StaticPermit};
 use ordinal_nbd::{Event, NbdError, ServerConfig, ServerSession};
 use ordinal_proto::Geometry;
 
@@ -38,6 +40,22 @@ pub const EXPORT_NAME: &str = "ordinal";
 const ZERO_CHUNKS_INFLIGHT: usize = 8;
 /// Bytes the reader buffers from the socket: a few of the largest writes.
 const READ_BUFFER_BYTES: usize = 256 << 10;
+/// Bytes of WRITE, WRITE_ZEROES and READ data one connection may have handed to the engine and
+/// not yet answered. The session bounds only what waits to be handed over; without this a
+/// client could pipeline thousands of large requests (or WRITE_ZEROES of 4 GiB each) and make
+/// the server hold their buffers at once. At the limit the reader stops reading the socket.
+const IN_FLIGHT_BYTES_MAX: u64 = 64 << 20;
+
+/// Reserves `bytes` of the connection's in-flight budget (a request larger than the whole
+/// budget takes all of it); the reservation ends when the permit is dropped. Each request takes
+/// exactly one reservation, in the reader, so no request holds part of the budget while it waits
+/// for more (which could deadlock).
+async fn reserve(budget: &Rc<Semaphore>, bytes: u64) -> Option<StaticPermit> {
+    budget
+        .acquire_static_permit(bytes.clamp(1, IN_FLIGHT_BYTES_MAX))
+        .await
+        .ok()
+}
 
 /// What an NBD export serves.
 #[derive(Clone, Debug)]
@@ -101,9 +119,16 @@ impl Export {
         }
     }
 
+    /// The most a WRITE_ZEROES of `len` bytes has in flight at once.
+    fn zeroes_window_bytes(&self, len: u64) -> u64 {
+        len.min(ZERO_CHUNKS_INFLIGHT as u64 * u64::from(self.geometry().payload_bytes_max))
+    }
+
+    /// Writes zeroes over `offset..offset + len` in chunks of the largest write, at most
+    /// `ZERO_CHUNKS_INFLIGHT` of them in flight.
     async fn write_zeroes(&self, offset: u64, len: u64) -> Result<(), String> {
         let chunk_bytes = u64::from(self.geometry().payload_bytes_max);
-        let mut in_flight = std::collections::VecDeque::new();
+        let mut in_flight = VecDeque::new();
         let mut at = offset;
         let end = offset + len;
         let mut result = Ok(());
@@ -172,6 +197,13 @@ struct Connection {
     wake_writer: LocalSender<()>,
     /// Wakes the reader: a reply made room in a backpressured session.
     wake_reader: LocalSender<()>,
+    /// What this connection has handed to the engine and not yet answered, plus READ data not
+    /// yet sent, in bytes.
+    budget: Rc<Semaphore>,
+    /// Bytes of output sent so far.
+    sent_bytes: Cell<u64>,
+    /// READ replies in the output: where each ends (in `sent_bytes` terms) and its reservation.
+    unsent_reads: RefCell<VecDeque<(u64, Option<StaticPermit>)>>,
     closing: Cell<bool>,
     role: &'static str,
 }
@@ -180,6 +212,17 @@ impl Connection {
     fn wake(&self) {
         let _ = self.wake_writer.try_send(());
         let _ = self.wake_reader.try_send(());
+    }
+
+    /// Counts `bytes` of output as sent and gives back the reservations of READ replies that
+    /// are now out.
+    fn sent(&self, bytes: usize) {
+        let sent = self.sent_bytes.get() + bytes as u64;
+        self.sent_bytes.set(sent);
+        let mut unsent = self.unsent_reads.borrow_mut();
+        while unsent.front().is_some_and(|&(end, _)| end <= sent) {
+            unsent.pop_front();
+        }
     }
 
     /// Sends the outcome of a WRITE, WRITE_ZEROES, TRIM or FLUSH.
@@ -215,6 +258,9 @@ async fn serve_client(stream: TcpStream, export: Export) {
         session: RefCell::new(session),
         wake_writer,
         wake_reader,
+        budget: Rc::new(Semaphore::new(IN_FLIGHT_BYTES_MAX)),
+        sent_bytes: Cell::new(0),
+        unsent_reads: RefCell::new(VecDeque::new()),
         closing: Cell::new(false),
         role: export.role(),
     });
@@ -236,6 +282,7 @@ async fn serve_client(stream: TcpStream, export: Export) {
                         .session
                         .borrow_mut()
                         .consume_output(chunk.len());
+                    writer_connection.sent(chunk.len());
                     let _ = writer_connection.wake_reader.try_send(());
                 }
                 None => {
@@ -276,10 +323,12 @@ async fn serve_client(stream: TcpStream, export: Export) {
                     data,
                     fua,
                 } => {
+                    let permit = reserve(&connection.budget, data.len() as u64).await;
                     // Handed over in arrival order, so the primary numbers them in that order.
                     let finish = export.start_write(offset, data).await;
                     let (connection, export) = (connection.clone(), export.clone());
                     glommio::spawn_local(async move {
+                        let _permit = permit;
                         let mut result = finish.await;
                         if fua && result.is_ok() {
                             result = export.flush().await;
@@ -294,8 +343,13 @@ async fn serve_client(stream: TcpStream, export: Export) {
                     len,
                     fua,
                 } => {
+                    // One reservation for the request's whole window, taken here: a task that
+                    // held some of the budget while waiting for more could deadlock with others.
+                    let window = export.zeroes_window_bytes(u64::from(len));
+                    let permit = reserve(&connection.budget, window).await;
                     let (connection, export) = (connection.clone(), export.clone());
                     glommio::spawn_local(async move {
+                        let _permit = permit;
                         let mut result = export.write_zeroes(offset, u64::from(len)).await;
                         if fua && result.is_ok() {
                             result = export.flush().await;
@@ -304,14 +358,9 @@ async fn serve_client(stream: TcpStream, export: Export) {
                     })
                     .detach();
                 }
-                Event::Trim {
-                    handle: cookie,
-                    fua,
-                    ..
-                } => {
-                    // Nothing is discarded (see the module docs); FUA still asks for durability
-                    // of what the command covers, which a no-op already has.
-                    let _ = fua;
+                Event::Trim { handle: cookie, .. } => {
+                    // Nothing is discarded (see the module docs), so FUA has nothing to make
+                    // durable either.
                     connection.answer(cookie, Ok(()));
                 }
                 Event::Read {
@@ -319,6 +368,7 @@ async fn serve_client(stream: TcpStream, export: Export) {
                     offset,
                     len,
                 } => {
+                    let permit = reserve(&connection.budget, u64::from(len)).await;
                     let (connection, export) = (connection.clone(), export.clone());
                     glommio::spawn_local(async move {
                         let data = export.read(offset, len as usize).await;
@@ -330,7 +380,16 @@ async fn serve_client(stream: TcpStream, export: Export) {
                                 session.reply_error(cookie, NbdError::Io)
                             }
                         };
+                        // The data now waits in the output: its share of the budget is given
+                        // back once it is sent, or a client that reads no replies could make
+                        // the output grow without bound.
+                        let queued_through =
+                            connection.sent_bytes.get() + session.output_pending_bytes() as u64;
                         drop(session);
+                        connection
+                            .unsent_reads
+                            .borrow_mut()
+                            .push_back((queued_through, permit));
                         connection.wake();
                     })
                     .detach();
@@ -363,6 +422,12 @@ async fn serve_client(stream: TcpStream, export: Export) {
             if reader_wakeups.recv().await.is_none() {
                 break;
             }
+            continue;
+        }
+        if filled > 0 {
+            // The session pushed back while these bytes waited and has room again (handing
+            // requests over may wait, and replies drain meanwhile): parse them before reading
+            // the socket, which a client that sent everything already will never fill.
             continue;
         }
         match reader.read(&mut buffer[filled..]).await {
