@@ -9,7 +9,6 @@ use std::time::Duration;
 use clap::Args;
 use ordinal_bench::{output, sweep};
 use ordinal_proto::Mode;
-use ordinal_runtime::link::TransportChoice;
 
 #[derive(Args, Debug)]
 pub struct BenchArgs {
@@ -31,14 +30,8 @@ pub struct BenchArgs {
     /// Where the volumes live during the run (tmpfs by default, so the disk is not measured).
     #[arg(long, default_value = "/dev/shm")]
     pub dir: PathBuf,
-    /// tcp, or verbs on --device (an RDMA device, e.g. in the soft-RoCE guest).
-    #[arg(long, default_value = "tcp")]
-    pub transport: String,
-    #[arg(long, default_value = "rxe0")]
-    pub device: String,
-    /// With --transport verbs: how long a queue pair polls after its last completion (µs).
-    #[arg(long, default_value_t = 50)]
-    pub poll_spin_us: u64,
+    #[command(flatten)]
+    pub link: crate::node::TransportArgs,
     /// Measure a running primary instead, through its NBD export at this address: one write at
     /// a time per size (the mode is the primary's). Prints p50/p99 per size; writes no files.
     #[arg(long, value_name = "ADDR")]
@@ -103,11 +96,7 @@ pub fn run(args: BenchArgs) -> Result<ExitCode, String> {
                 .ok_or_else(|| format!("unknown mode {name:?}: use order-sync, sync or async"))
         })
         .collect::<Result<Vec<_>, _>>()?;
-    let transport = TransportChoice::parse(
-        &args.transport,
-        &args.device,
-        Duration::from_micros(args.poll_spin_us),
-    )?;
+    let transport = args.link.choice()?;
     let config = sweep::SweepConfig {
         dir: args.dir.clone(),
         transport,
@@ -121,7 +110,7 @@ pub fn run(args: BenchArgs) -> Result<ExitCode, String> {
         .map_err(|error| format!("cannot create {}: {error}", args.out.display()))?;
     println!(
         "ordinal bench: {} transport, modes {}, sizes {:?}, queue depths {:?}, {} ms per point",
-        args.transport,
+        args.link.transport,
         args.modes.join(","),
         args.sizes,
         args.queue_depths,
@@ -131,7 +120,7 @@ pub fn run(args: BenchArgs) -> Result<ExitCode, String> {
     println!("{}", output::table(&sweep));
     let parameters = format!(
         "{{\"transport\":\"{}\",\"modes\":[{}],\"sizes\":{:?},\"queue_depths\":{:?},\"point_ms\":{},\"volumes_dir\":{:?},\"cpus\":{}}}",
-        args.transport,
+        args.link.transport,
         args.modes.iter().map(|mode| format!("\"{mode}\"")).collect::<Vec<_>>().join(","),
         args.sizes,
         args.queue_depths,

@@ -42,6 +42,13 @@ pub struct Shared {
     /// Pin this daemon's executor to this CPU (default: not pinned).
     #[arg(long)]
     pub cpu: Option<usize>,
+    #[command(flatten)]
+    pub link: TransportArgs,
+}
+
+/// How queue pairs reach the peers (the daemons' and `ordinal bench`'s flags).
+#[derive(Args, Debug, Clone)]
+pub struct TransportArgs {
     /// How queue pairs reach the peers: tcp (RDMA semantics over TCP; no hardware needed) or
     /// verbs (RC queue pairs on the RDMA device --device). Every node of a group uses the same.
     #[arg(long, default_value = "tcp")]
@@ -55,13 +62,19 @@ pub struct Shared {
     pub poll_spin_us: u64,
 }
 
-impl Shared {
-    fn transport(&self) -> Result<TransportChoice, String> {
+impl TransportArgs {
+    pub fn choice(&self) -> Result<TransportChoice, String> {
         TransportChoice::parse(
             &self.transport,
             &self.device,
             Duration::from_micros(self.poll_spin_us),
         )
+    }
+}
+
+impl Shared {
+    fn transport(&self) -> Result<TransportChoice, String> {
+        self.link.choice()
     }
 
     fn psk(&self) -> Result<Vec<u8>, String> {
