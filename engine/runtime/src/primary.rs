@@ -749,7 +749,8 @@ fn execute_actions(node: &mut PrimaryNode, local: &Sender<PrimaryEvent>) {
             } => {
                 node.last_acked = node.last_acked.max(seq);
                 if let Some((reply, arrived)) = node.replies.remove(&client_tag) {
-                    node.ack_latencies.record(arrived.elapsed());
+                    node.ack_latencies
+                        .record(arrived, std::time::Instant::now());
                     let _ = reply.try_send(WriteOutcome::Acked { seq, degraded });
                 }
             }
@@ -792,15 +793,17 @@ impl AckLatencies {
         }
     }
 
-    fn record(&mut self, latency: Duration) {
-        self.rotate();
-        let _ = self.current.record(latency.as_nanos() as u64);
+    /// Records the acknowledgement at `now` of a write that arrived at `arrived` (one clock
+    /// read per acknowledgement serves both the latency and the window).
+    fn record(&mut self, arrived: std::time::Instant, now: std::time::Instant) {
+        self.rotate(now);
+        let _ = self.current.record((now - arrived).as_nanos() as u64);
     }
 
     /// Moves to a new window once the current one is a second old (and forgets both if the last
     /// write is older than that).
-    fn rotate(&mut self) {
-        let age = self.current_since.elapsed();
+    fn rotate(&mut self, now: std::time::Instant) {
+        let age = now.saturating_duration_since(self.current_since);
         if age < Self::WINDOW {
             return;
         }
@@ -809,11 +812,11 @@ impl AckLatencies {
         if age >= 2 * Self::WINDOW {
             self.last.reset();
         }
-        self.current_since = std::time::Instant::now();
+        self.current_since = now;
     }
 
     fn last_second(&mut self) -> &Histogram<u64> {
-        self.rotate();
+        self.rotate(std::time::Instant::now());
         &self.last
     }
 }
