@@ -23,7 +23,7 @@
 //! independent streams and are joined with the linearity of CRCs: for lanes A, B, C of L bytes,
 //! `crc(s, ABC) = shift(crc(s, A), 2L) ^ shift(crc(0, B), L) ^ crc(0, C)`, where `shift(x, n)`
 //! is the state after `n` zero bytes, a linear map done with four 256-entry tables. Measured
-//! with the core benchmark's CRC baseline: 48.5 ns for 512 bytes through the crate, 32 ns here.
+//! with the core benchmark's CRC baseline: 48.5 ns for 512 bytes through the crate, 20.5 ns here.
 
 /// Inputs up to this size take the direct path.
 const SMALL_BYTES_MAX: usize = 64;
@@ -104,12 +104,22 @@ unsafe fn crc32c_medium_sse42(bytes: &[u8]) -> u32 {
     let (one_lane, two_lanes) = lane_shift_tables();
     let mut state = u32::MAX;
     let mut at = 0;
+    let lane_word = |lane: &[u8]| u64::from_le_bytes(lane.try_into().expect("8 bytes"));
     while bytes.len() - at >= 3 * LANE_BYTES {
+        // Lanes as fixed-size slices and words as exact chunks: the compiler then sees every
+        // read in bounds and unrolls the loop, which with indexed reads it did not (512 bytes:
+        // 460 instructions under callgrind and 32 ns with indexed reads, 20.5 ns like this).
+        let (lane_a, rest) = bytes[at..at + 3 * LANE_BYTES].split_at(LANE_BYTES);
+        let (lane_b, lane_c) = rest.split_at(LANE_BYTES);
         let (mut a, mut b, mut c) = (u64::from(state), 0u64, 0u64);
-        for offset in (0..LANE_BYTES).step_by(8) {
-            a = _mm_crc32_u64(a, word(at + offset));
-            b = _mm_crc32_u64(b, word(at + LANE_BYTES + offset));
-            c = _mm_crc32_u64(c, word(at + 2 * LANE_BYTES + offset));
+        for ((word_a, word_b), word_c) in lane_a
+            .chunks_exact(8)
+            .zip(lane_b.chunks_exact(8))
+            .zip(lane_c.chunks_exact(8))
+        {
+            a = _mm_crc32_u64(a, lane_word(word_a));
+            b = _mm_crc32_u64(b, lane_word(word_b));
+            c = _mm_crc32_u64(c, lane_word(word_c));
         }
         state = apply_shift(two_lanes, a as u32) ^ apply_shift(one_lane, b as u32) ^ c as u32;
         at += 3 * LANE_BYTES;
