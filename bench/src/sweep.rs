@@ -20,7 +20,7 @@ use ordinal_runtime::link::TransportChoice;
 use ordinal_runtime::primary::{PrimaryHandle, WriteOutcome};
 
 use crate::loopback::LoopbackConfig;
-use crate::loopback::{executor_thread, histogram, offset_of, pingpong_sized, with_system};
+use crate::loopback::{executor_thread, histogram, offset_of, pingpong_sized, with_system, Side};
 
 /// Bytes of the answer in the ping-pong baseline: about an acknowledgement.
 pub const ACK_BYTES: usize = 16;
@@ -274,7 +274,7 @@ pub fn tcp_stream(message_bytes: usize, time: Duration) -> Result<f64, String> {
     drop(listener);
     let (bound_tx, bound_rx) = std::sync::mpsc::channel();
     let (result_tx, result_rx) = std::sync::mpsc::channel();
-    let receiver = executor_thread("stream-receiver", move || async move {
+    let receiver = executor_thread("stream-receiver", Side::Far, move || async move {
         let listener = glommio::net::TcpListener::bind(addr).map_err(|error| error.to_string())?;
         let _ = bound_tx.send(());
         let mut stream = listener.accept().await.map_err(|error| error.to_string())?;
@@ -292,7 +292,7 @@ pub fn tcp_stream(message_bytes: usize, time: Duration) -> Result<f64, String> {
     bound_rx
         .recv_timeout(Duration::from_secs(10))
         .map_err(|_| "stream receiver did not start".to_string())?;
-    let sender = executor_thread("stream-sender", move || async move {
+    let sender = executor_thread("stream-sender", Side::Near, move || async move {
         let mut stream = glommio::net::TcpStream::connect(addr)
             .await
             .map_err(|error| error.to_string())?;

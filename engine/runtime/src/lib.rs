@@ -51,14 +51,29 @@ where
     F: FnOnce() -> Fut + Send + 'static,
     Fut: std::future::Future<Output = Result<(), String>> + 'static,
 {
+    spawn_executor_on(name, None, spin_before_park, body)
+}
+
+/// [`spawn_executor`] with the thread bound to CPU `cpu` (any CPU if `None`), as a daemon's
+/// `--cpu` binds its executor.
+pub fn spawn_executor_on<F, Fut>(
+    name: &str,
+    cpu: Option<usize>,
+    spin_before_park: Option<std::time::Duration>,
+    body: F,
+) -> Result<std::thread::JoinHandle<()>, String>
+where
+    F: FnOnce() -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = Result<(), String>> + 'static,
+{
     let thread_name = name.to_string();
     let name = name.to_string();
     std::thread::Builder::new()
         .name(name.clone())
         .spawn(move || {
             let name = thread_name.as_str();
-            let mut builder =
-                glommio::LocalExecutorBuilder::new(glommio::Placement::Unbound).name(name);
+            let placement = cpu.map_or(glommio::Placement::Unbound, glommio::Placement::Fixed);
+            let mut builder = glommio::LocalExecutorBuilder::new(placement).name(name);
             if let Some(spin) = spin_before_park {
                 builder = builder.spin_before_park(spin);
             }
