@@ -318,6 +318,7 @@ where
         applies_inflight_max: 16,
         transport: config.transport.clone(),
         nbd_listen: None,
+        apply_delay: std::time::Duration::ZERO,
     };
     executor_thread("ordinal-dr", Side::Far, move || run_dr(dr))?;
     let primary = PrimaryOptions {

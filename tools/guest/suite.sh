@@ -6,6 +6,8 @@
 #   - the verbs transport's tests (the transport boundary's semantics on rxe0);
 #   - ORDINAL_GUEST_FAILOVERS (10) runs of `ordinal demo --transport verbs`: aux, DR and primary
 #     in the guest over rxe0, the primary killed with SIGKILL under load, failover, I1-I6 checked;
+#     then 2 more with the DR's applies held back, so that the failover applies payloads from
+#     the staging ring (the patent's recovery path over RDMA);
 #   - then ORDINAL_GUEST_CRASHES (3) machine crashes with one guest per role (tools/guest/crash.sh);
 #   - perftest's ib_send_lat and ib_write_bw on the same device, as the reference figures.
 #
@@ -59,6 +61,13 @@ echo "== runtime: the verbs transport behind the transport boundary on rxe0"
 ORDINAL_RDMA_DEVICE=rxe0 ./'"$transport_tests"' --test-threads=1 || exit 14
 echo "== ordinal demo --transport verbs: '"$failovers"' kill-the-primary failovers on rxe0"
 TMPDIR=/tmp ./target/release/ordinal demo --transport verbs --runs '"$failovers"' --quiet || exit 15
+echo "== ordinal demo --transport verbs --dr-apply-delay-ms 200: failovers that must apply from the staging ring"
+TMPDIR=/tmp ./target/release/ordinal demo --transport verbs --runs 2 --seed 100 --writes 400 --quiet \
+  --dr-apply-delay-ms 200 >/tmp/ring-runs.txt && rc=0 || rc=$?
+cat /tmp/ring-runs.txt
+[ "$rc" = 0 ] || exit 16
+grep -Eq " [1-9][0-9]* applied from the ring at failover" /tmp/ring-runs.txt || {
+  echo "no failover applied anything from the staging ring"; exit 17; }
 echo "== perftest: ib_send_lat (half a round trip) and ib_write_bw on rxe0"
 serve_and_run ib_send_lat -n 2000 || exit 12
 serve_and_run ib_write_bw -n 2000 || exit 13

@@ -56,6 +56,10 @@ pub struct DemoArgs {
     /// RDMA device for --transport verbs.
     #[arg(long, default_value = "rxe0")]
     pub device: String,
+    /// Pass `--apply-delay-ms` to the DR: its applies lag, so that the failover must apply
+    /// verified payloads from the staging ring ("applied from the ring at failover").
+    #[arg(long, default_value_t = 0)]
+    pub dr_apply_delay_ms: u64,
 }
 
 /// Draws below `n` (at least 1) from the simulator's seeded PRNG.
@@ -285,6 +289,8 @@ pub fn run_once(args: &DemoArgs, exe: &Path, seed: u64, dir: &Path) -> Result<Ru
         aux_addr.to_string(),
         "--nbd-listen".into(),
         "127.0.0.1:0".into(),
+        "--apply-delay-ms".into(),
+        args.dr_apply_delay_ms.to_string(),
     ]);
     let (mut dr, addrs) = spawn(exe, &dr_args, &dir.join("dr.log"), &["listening on"])?;
     let dr_addr = addrs[0];
@@ -560,8 +566,9 @@ pub fn run(args: DemoArgs) -> Result<ExitCode, String> {
         };
         if args.quiet {
             println!(
-                "seed {seed}: kill {} after {} acked of {} sent; cut {}, {} recovered from the ring, {} lost ({} of them acked): {verdict} ({:.1} s)",
-                args.kill, outcome.acked, outcome.sent, outcome.report.cut, outcome.report.applied_from_ring,
+                "seed {seed}: kill {} after {} acked of {} sent; cut {}, {} applied from the ring at failover ({} through the aux table), {} lost ({} of them acked): {verdict} ({:.1} s)",
+                args.kill, outcome.acked, outcome.sent, outcome.report.cut,
+                outcome.report.applied_landed + outcome.report.applied_from_ring, outcome.report.applied_from_ring,
                 outcome.report.lost.len(), outcome.acked_lost, outcome.elapsed.as_secs_f64()
             );
         } else {

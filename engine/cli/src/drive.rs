@@ -110,11 +110,12 @@ pub fn run(args: DriveArgs) -> Result<ExitCode, String> {
     let violations = verify(args.seed, &writes, &acked, &report, &observed);
     let acked_lost = acked_lost(&report, &acked);
     println!(
-        "drive: seed {}: {} acked of {} sent; cut {}, {} recovered from the ring, {} lost ({acked_lost} of them acked): {}",
+        "drive: seed {}: {} acked of {} sent; cut {}, {} applied from the ring at failover ({} through the aux table), {} lost ({acked_lost} of them acked): {}",
         args.seed,
         acked.iter().filter(|a| **a).count(),
         writes.len(),
         report.cut,
+        report.applied_landed + report.applied_from_ring,
         report.applied_from_ring,
         report.lost.len(),
         if violations.is_empty() { "verified" } else { "VIOLATED" }

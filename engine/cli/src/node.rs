@@ -151,6 +151,12 @@ pub struct DrArgs {
     /// served before.
     #[arg(long, default_value = "127.0.0.1:10810")]
     pub nbd_listen: SocketAddr,
+    /// Hold each apply to the volume back this long (ms), for testing the failover path: with
+    /// applies held back (16 at a time), verified payloads wait in the staging ring and a
+    /// failover must apply them from there. The primary slows to the DR's apply rate once the
+    /// ring or the status table is full. A failover's own applies are not held.
+    #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u64).range(..=60_000))]
+    pub apply_delay_ms: u64,
 }
 
 #[derive(Args, Debug)]
@@ -294,6 +300,7 @@ pub fn dr(args: DrArgs) -> Result<ExitCode, String> {
         applies_inflight_max: 16,
         transport: args.shared.transport()?,
         nbd_listen: Some(args.nbd_listen),
+        apply_delay: std::time::Duration::from_millis(args.apply_delay_ms),
     };
     run_on_executor("ordinal-dr", args.shared.cpu, move || run_dr(options))
 }

@@ -79,11 +79,12 @@ impl LossSummary {
 
     pub fn human(&self) -> String {
         let mut text = format!(
-            "failover: epoch {} -> {}; the DR volume holds ops 1..={} in order ({} applied before failover, {} recovered from the staging ring{}); {} op(s) lost",
+            "failover: epoch {} -> {}; the DR volume holds ops 1..={} in order ({} applied before failover, {} applied from the staging ring during failover, {} of them known to have landed only through the aux table{}); {} op(s) lost",
             self.old_epoch,
             self.new_epoch,
             self.cut,
             self.applied_before,
+            self.applied_landed + self.applied_from_ring,
             self.applied_from_ring,
             if self.aux_table_read { "" } else { "; the aux table was NOT read, the list may be incomplete" },
             self.lost.len()

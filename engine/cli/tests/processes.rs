@@ -15,8 +15,14 @@ fn ordinal() -> Command {
 
 /// Runs `ordinal demo` quietly and returns its output; panics with it unless it verified.
 fn demo(kill: &str, runs: u64, seed: u64, writes: u64) -> String {
+    demo_with(&[], kill, runs, seed, writes)
+}
+
+/// [`demo`] with more of `ordinal demo`'s flags.
+fn demo_with(extra: &[&str], kill: &str, runs: u64, seed: u64, writes: u64) -> String {
     let output = ordinal()
         .args(["demo", "--quiet", "--kill", kill])
+        .args(extra)
         .args([
             "--runs",
             &runs.to_string(),
@@ -54,6 +60,26 @@ fn kill_the_primary_at_random_instants_under_load_fifty_times() {
         .and_then(|s| s.parse().ok())
         .unwrap_or(50);
     demo("primary", runs, seed, 400);
+}
+
+#[test]
+fn a_failover_applies_the_payloads_still_waiting_in_the_staging_ring() {
+    // With the DR's applies held back, most verified payloads still wait in the staging ring
+    // when the primary is killed: the failover must apply them from there, in order, and each
+    // run is verified like any other (the patent's recovery, with real processes).
+    let stdout = demo_with(&["--dr-apply-delay-ms", "200"], "primary", 3, 2000, 400);
+    let applied_from_ring: Vec<u64> = stdout
+        .lines()
+        .filter_map(|line| {
+            let (head, _) = line.split_once(" applied from the ring at failover")?;
+            head.rsplit(' ').next()?.parse().ok()
+        })
+        .collect();
+    assert_eq!(applied_from_ring.len(), 3, "{stdout}");
+    assert!(
+        applied_from_ring.iter().sum::<u64>() > 0,
+        "no run applied anything from the ring at failover:\n{stdout}"
+    );
 }
 
 #[test]

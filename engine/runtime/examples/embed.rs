@@ -95,6 +95,7 @@ fn run() -> Result<Vec<String>, String> {
         applies_inflight_max: 16,
         transport: TransportChoice::Tcp,
         nbd_listen: None,
+        apply_delay: std::time::Duration::ZERO,
     };
     spawn_executor("embed-dr", None, move || run_dr(dr_options))?;
     let primary_options = PrimaryOptions {

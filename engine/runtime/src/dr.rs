@@ -43,6 +43,11 @@ pub struct DrOptions {
     /// primary reconnect to the DR and carry on. Nothing is served before promotion: the
     /// replica changes under a reader, and a client must not write it.
     pub nbd_listen: Option<SocketAddr>,
+    /// Each apply starts this long after the protocol scheduled it (zero: at once). With at
+    /// most `applies_inflight_max` applies in flight, a delay keeps verified payloads waiting in
+    /// the staging ring, so that a failover has to apply them from there: this exercises the
+    /// patent's recovery path (`applied_from_ring` in the loss report) with real processes.
+    pub apply_delay: Duration,
 }
 
 /// Local events of the DR loop.
@@ -90,6 +95,8 @@ struct DrNode {
     failover_waiters: Vec<Sender<String>>,
     report_json: Option<String>,
     geometry: Geometry,
+    /// `DrOptions::apply_delay`, for applies of the normal stream (a failover's are not held).
+    apply_delay: Duration,
 }
 
 pub async fn run_dr(options: DrOptions) -> Result<(), String> {
@@ -144,6 +151,7 @@ pub async fn run_dr(options: DrOptions) -> Result<(), String> {
         failover_waiters: Vec::new(),
         report_json: None,
         geometry,
+        apply_delay: options.apply_delay,
     }));
     let serve_promoted = |volume: &Rc<Volume>| {
         if let Some(listen) = options.nbd_listen {
@@ -461,8 +469,9 @@ fn finish_failover(node: &mut DrNode, aux_area: Option<&[u8]>) {
         node.dr.failover(aux_area, &ring)
     };
     eprintln!(
-        "dr: recovered through op {}: {} applied from the ring, {} lost",
+        "dr: recovered through op {}: {} applied from the ring ({} of them vouched for by the aux table alone), {} lost",
         report.cut,
+        report.applied_landed + report.applied_from_ring,
         report.applied_from_ring,
         report.lost.len()
     );
@@ -472,10 +481,17 @@ fn finish_failover(node: &mut DrNode, aux_area: Option<&[u8]>) {
 
 fn start_applies(node: &mut DrNode, jobs: Vec<WriteJob>, local: &Sender<DrEvent>) {
     let ring = node.ring.map.borrow();
+    let delay = if node.failover == Failover::Idle {
+        node.apply_delay
+    } else {
+        Duration::ZERO
+    };
     for (seq, volume_offset, len, ring_offset) in jobs {
+        // The bytes are copied out of the ring now: the protocol keeps a slot unchanged until
+        // its apply is done, and a delayed apply holds its own copy anyway.
         let span = &ring[ring_offset as usize..ring_offset as usize + len as usize];
         node.volume
-            .spawn_write(volume_offset, span, local, move |result| {
+            .spawn_write_after(delay, volume_offset, span, local, move |result| {
                 DrEvent::ApplyDone { seq, result }
             });
     }

@@ -180,9 +180,25 @@ impl Volume {
         events: &crate::Sender<E>,
         done: impl FnOnce(Result<(), String>) -> E + 'static,
     ) {
+        self.spawn_write_after(std::time::Duration::ZERO, offset, bytes, events, done);
+    }
+
+    /// [`Volume::spawn_write`], with the write itself started `delay` later (the bytes are
+    /// still copied before this returns).
+    pub fn spawn_write_after<E: 'static>(
+        self: &Rc<Self>,
+        delay: std::time::Duration,
+        offset: u64,
+        bytes: &[u8],
+        events: &crate::Sender<E>,
+        done: impl FnOnce(Result<(), String>) -> E + 'static,
+    ) {
         let buffer = self.dma_copy(bytes);
         let (volume, events) = (self.clone(), events.clone());
         glommio::spawn_local(async move {
+            if !delay.is_zero() {
+                glommio::timer::sleep(delay).await;
+            }
             let result = volume.write_buffer(buffer, offset).await;
             let _ = events.send(done(result)).await;
         })
