@@ -19,6 +19,9 @@ cargo bench --locked -p ordinal-bench --bench loopback -- --samples 300 --second
 rm -rf target/bench-smoke
 ./target/release/ordinal bench --modes order-sync --sizes 4096 --queue-depths 1,4 --point-ms 200 --out target/bench-smoke
 test -s target/bench-smoke/results.json && test -s target/bench-smoke/throughput-by-size.svg
+# And the tuning search, on short trials: it must try every knob and come to a verdict.
+./target/release/ordinal tune --queue-depths 1,4 --point-ms 200 --confirm 1 | tee target/tune-smoke.txt
+grep -Eq '^(best configuration|the winner of the search did not beat)' target/tune-smoke.txt
 # Real RDMA: the verbs tests and perftest in a soft-RoCE guest (skipped loudly where QEMU cannot run).
 tools/guest/suite.sh
 awk '/^test result:/ { passed += $4; failed += $6 } END { printf "tests: %d passed, %d failed\n", passed, failed }' "$log"

@@ -38,6 +38,8 @@ fn parse() -> Result<LoopbackConfig, String> {
         queue_depth: 32,
         throughput_time: Duration::from_secs(5),
         transport: TransportChoice::Tcp,
+        tuning: Default::default(),
+        ring_bytes: ordinal_bench::loopback::RING_BYTES_DEFAULT,
     };
     let mut device = String::from("rxe0");
     let mut transport = String::from("tcp");
@@ -72,8 +74,12 @@ fn parse() -> Result<LoopbackConfig, String> {
     if config.write_bytes == 0 || config.write_bytes % 512 != 0 || config.write_bytes > 1 << 20 {
         return Err("--write-bytes must be a multiple of 512, at most 1 MiB".into());
     }
-    config.transport =
-        TransportChoice::parse(&transport, &device, Duration::from_micros(poll_spin_us))?;
+    config.transport = TransportChoice::parse(
+        &transport,
+        &device,
+        Duration::from_micros(poll_spin_us),
+        ordinal_runtime::link::INLINE_MAX_BYTES_DEFAULT,
+    )?;
     config.dir = config
         .dir
         .join(format!("ordinal-loopback-{}", std::process::id()));
@@ -92,7 +98,9 @@ fn main() {
         "loopback: aux, DR and primary on 127.0.0.1 (one glommio executor each), {} transport, {} mode, {}-byte writes, volumes under {}",
         match &config.transport {
             TransportChoice::Tcp => "tcp".to_string(),
-            TransportChoice::Verbs { device, poll_spin } => {
+            TransportChoice::Verbs {
+                device, poll_spin, ..
+            } => {
                 format!("verbs ({device}, poll spin {} us)", poll_spin.as_micros())
             }
         },

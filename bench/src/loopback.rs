@@ -25,7 +25,7 @@ use ordinal_proto::{Geometry, LinkLossPolicy, Mode};
 use ordinal_runtime::aux::{run_aux, AuxOptions};
 use ordinal_runtime::dr::{run_dr, DrOptions};
 use ordinal_runtime::link::TransportChoice;
-use ordinal_runtime::primary::{run_primary, PrimaryHandle, PrimaryOptions, WriteOutcome};
+use ordinal_runtime::primary::{run_primary, PrimaryHandle, PrimaryOptions, Tuning, WriteOutcome};
 
 /// Bytes of one order record on the wire: the transport's frame header, the message header
 /// and one record. The ping-pong baseline sends exactly this many bytes each way.
@@ -48,7 +48,14 @@ pub struct LoopbackConfig {
     /// The roles' transport (the ping-pong baseline is TCP either way; on verbs, compare with
     /// perftest's `ib_send_lat` on the same device, as `tools/guest/bench.sh` does).
     pub transport: TransportChoice,
+    /// The primary's knobs.
+    pub tuning: Tuning,
+    /// The DR's staging ring.
+    pub ring_bytes: u64,
 }
+
+/// The staging ring of a benchmark's system unless told otherwise: the daemons' default.
+pub const RING_BYTES_DEFAULT: u64 = 64 << 20;
 
 /// What one run measured. Latencies are in nanoseconds.
 #[derive(Debug)]
@@ -288,7 +295,7 @@ where
         // 512 lets `ordinal bench` sweep from 512-byte writes; tmpfs and this machine's disks
         // take direct I/O at that alignment.
         sector_bytes: 512,
-        ring_bytes: 64 << 20,
+        ring_bytes: config.ring_bytes,
         table_slots: 4096,
         // No larger than the run needs: on verbs each queue pair registers a send arena sized
         // for the largest write.
@@ -335,6 +342,7 @@ where
         lease: Duration::from_millis(400),
         local_writes_inflight_max: 64,
         transport: config.transport.clone(),
+        tuning: config.tuning,
     };
     let (result_tx, result_rx) = mpsc::channel();
     executor_thread("ordinal-primary", Side::Near, move || {

@@ -35,6 +35,9 @@ pub struct SweepConfig {
     pub queue_depths: Vec<usize>,
     /// Measured time per point, after a warm-up of a tenth of it.
     pub point_time: Duration,
+    /// The primary's knobs and the staging ring, for every point.
+    pub tuning: ordinal_runtime::primary::Tuning,
+    pub ring_bytes: u64,
 }
 
 /// One measured point.
@@ -108,8 +111,26 @@ pub fn validate(config: &SweepConfig) -> Result<(), String> {
     if config.point_time < Duration::from_millis(100) {
         return Err("each point needs at least 100 ms".into());
     }
-    Ok(())
+    // The system's largest write is the largest size, and at least 64 KiB (see `with_system`).
+    let largest = config
+        .sizes
+        .iter()
+        .copied()
+        .max()
+        .unwrap_or(0)
+        .max(64 << 10) as u64;
+    if config.ring_bytes < 2 * largest {
+        return Err(format!(
+            "a staging ring of {} KiB cannot hold two writes of {} KiB",
+            config.ring_bytes >> 10,
+            largest >> 10
+        ));
+    }
+    config.tuning.validate()
 }
+
+/// How long a sweep waits for its system's links before measuring anyway.
+const CONNECT_WAIT_MAX: Duration = Duration::from_secs(60);
 
 /// Runs every point and every baseline; `progress` hears about each as it finishes.
 pub fn run(config: &SweepConfig, progress: &mut dyn FnMut(&str)) -> Result<Sweep, String> {
@@ -143,6 +164,8 @@ pub fn run(config: &SweepConfig, progress: &mut dyn FnMut(&str)) -> Result<Sweep
             queue_depth: 1,
             throughput_time: config.point_time,
             transport: config.transport.clone(),
+            tuning: config.tuning,
+            ring_bytes: config.ring_bytes,
         };
         let plan: Vec<(usize, usize)> = config
             .sizes
@@ -154,6 +177,15 @@ pub fn run(config: &SweepConfig, progress: &mut dyn FnMut(&str)) -> Result<Sweep
         let measured = std::thread::scope(|scope| {
             let worker = scope.spawn(|| {
                 with_system(&system, move |handle| async move {
+                    // Measure from a connected system: over verbs in an emulated guest the queue
+                    // pairs take seconds to connect, which the first point would otherwise
+                    // spend with its writes waiting (seen: 0 writes in a 300 ms point).
+                    let deadline = Instant::now() + CONNECT_WAIT_MAX;
+                    while !(handle.status().dr_link_up && handle.status().aux_connected)
+                        && Instant::now() < deadline
+                    {
+                        glommio::timer::sleep(Duration::from_millis(10)).await;
+                    }
                     for (write_bytes, queue_depth) in plan {
                         let point =
                             measure(&handle, mode, write_bytes, queue_depth, point_time).await;

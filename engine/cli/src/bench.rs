@@ -32,6 +32,11 @@ pub struct BenchArgs {
     pub dir: PathBuf,
     #[command(flatten)]
     pub link: crate::node::TransportArgs,
+    #[command(flatten)]
+    pub tuning: crate::node::TuningArgs,
+    /// Size of the DR's staging ring in MiB (at least twice the largest size).
+    #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u64).range(1..=65536))]
+    pub ring_mib: u64,
     /// Measure a running primary instead, through its NBD export at this address: one write at
     /// a time per size (the mode is the primary's). Prints p50/p99 per size; writes no files.
     #[arg(long, value_name = "ADDR")]
@@ -104,6 +109,8 @@ pub fn run(args: BenchArgs) -> Result<ExitCode, String> {
         sizes: args.sizes.clone(),
         queue_depths: args.queue_depths.clone(),
         point_time: Duration::from_millis(args.point_ms),
+        tuning: args.tuning.tuning()?,
+        ring_bytes: args.ring_mib << 20,
     };
     sweep::validate(&config)?;
     std::fs::create_dir_all(&args.out)
@@ -119,14 +126,19 @@ pub fn run(args: BenchArgs) -> Result<ExitCode, String> {
     let sweep = sweep::run(&config, &mut |line| eprintln!("  {line}"))?;
     println!("{}", output::table(&sweep));
     let parameters = format!(
-        "{{\"transport\":\"{}\",\"modes\":[{}],\"sizes\":{:?},\"queue_depths\":{:?},\"point_ms\":{},\"volumes_dir\":{:?},\"cpus\":{}}}",
+        "{{\"transport\":\"{}\",\"modes\":[{}],\"sizes\":{:?},\"queue_depths\":{:?},\"point_ms\":{},\"volumes_dir\":{:?},\"cpus\":{},\"ring_mib\":{},\"order_batch_records\":{},\"order_batches_inflight\":{},\"payload_writes_inflight\":{},\"inline_max_bytes\":{}}}",
         args.link.transport,
         args.modes.iter().map(|mode| format!("\"{mode}\"")).collect::<Vec<_>>().join(","),
         args.sizes,
         args.queue_depths,
         args.point_ms,
         args.dir.display().to_string(),
-        std::thread::available_parallelism().map_or(0, |n| n.get())
+        std::thread::available_parallelism().map_or(0, |n| n.get()),
+        args.ring_mib,
+        args.tuning.order_batch_records,
+        args.tuning.order_batches_inflight,
+        args.tuning.payload_writes_inflight,
+        args.link.inline_max_bytes
     );
     let written = output::write_all(&sweep, &parameters, &args.out)?;
     println!("wrote {} files under {}", written.len(), args.out.display());

@@ -16,6 +16,7 @@ mod drive;
 mod node;
 mod report;
 mod sim;
+mod tune;
 mod watch;
 
 #[derive(Parser, Debug)]
@@ -52,6 +53,10 @@ enum Command {
     /// Measure write-ack latency and throughput of a whole system in this process, swept over
     /// mode, payload size and queue depth, next to raw TCP baselines; writes JSON and plots.
     Bench(bench::BenchArgs),
+    /// Search the primary's knobs (queue depth, order batching, payload writes in flight, ring
+    /// size, inline size) on this link, one `ordinal bench` trial per configuration, and print
+    /// the best next to the defaults measured in the same run.
+    Tune(tune::TuneArgs),
 }
 
 fn main() -> ExitCode {
@@ -66,6 +71,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Sim(args) => sim::run(args),
         Command::Bench(args) => bench::run(args),
+        Command::Tune(args) => tune::run(args),
         Command::Primary(args) => node::primary(args),
         Command::Dr(args) => node::dr(args),
         Command::Aux(args) => node::aux(args),

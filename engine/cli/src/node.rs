@@ -46,6 +46,35 @@ pub struct Shared {
     pub link: TransportArgs,
 }
 
+/// The primary's knobs for its link (`ordinal primary`'s, `ordinal bench`'s and `ordinal
+/// tune`'s flags).
+#[derive(Args, Debug, Clone)]
+pub struct TuningArgs {
+    /// Most order records in one SEND to the DR (1 to 256). Under load, orders that wait
+    /// while a batch is in flight go together in the next one.
+    #[arg(long, default_value_t = ordinal_proto::primary::ORDER_BATCH_RECORDS_DEFAULT)]
+    pub order_batch_records: usize,
+    /// Order batches sent to the DR and not yet acknowledged (1 to 64). Fewer means larger
+    /// batches on a long link.
+    #[arg(long, default_value_t = ordinal_proto::primary::ORDER_BATCHES_INFLIGHT_DEFAULT)]
+    pub order_batches_inflight: usize,
+    /// Payload writes into the DR's staging ring posted and not yet completed (1 to 4096).
+    #[arg(long, default_value_t = ordinal_proto::primary::PAYLOAD_WRITES_INFLIGHT_DEFAULT)]
+    pub payload_writes_inflight: u64,
+}
+
+impl TuningArgs {
+    pub fn tuning(&self) -> Result<ordinal_runtime::primary::Tuning, String> {
+        let tuning = ordinal_runtime::primary::Tuning {
+            order_batch_records_max: self.order_batch_records,
+            order_batches_inflight_max: self.order_batches_inflight,
+            payload_writes_inflight_max: self.payload_writes_inflight,
+        };
+        tuning.validate()?;
+        Ok(tuning)
+    }
+}
+
 /// How queue pairs reach the peers (the daemons' and `ordinal bench`'s flags).
 #[derive(Args, Debug, Clone)]
 pub struct TransportArgs {
@@ -60,6 +89,12 @@ pub struct TransportArgs {
     /// before it sleeps (µs). Longer saves a wake-up per message at the cost of CPU.
     #[arg(long, default_value_t = 50)]
     pub poll_spin_us: u64,
+    /// With --transport verbs: largest work request posted inline (bytes; the device may grant
+    /// less). Inline saves the NIC a read of the payload for small messages (order batches,
+    /// status-table writes).
+    #[arg(long, default_value_t = ordinal_runtime::link::INLINE_MAX_BYTES_DEFAULT,
+          value_parser = clap::value_parser!(u32).range(..=4096))]
+    pub inline_max_bytes: u32,
 }
 
 impl TransportArgs {
@@ -68,6 +103,7 @@ impl TransportArgs {
             &self.transport,
             &self.device,
             Duration::from_micros(self.poll_spin_us),
+            self.inline_max_bytes,
         )
     }
 }
@@ -129,6 +165,8 @@ pub struct PrimaryArgs {
     /// half the aux's heartbeat timeout.
     #[arg(long, default_value_t = 400)]
     pub lease_ms: u64,
+    #[command(flatten)]
+    pub tuning: TuningArgs,
 }
 
 #[derive(Args, Debug)]
@@ -268,6 +306,7 @@ pub fn primary(args: PrimaryArgs) -> Result<ExitCode, String> {
         lease: Duration::from_millis(args.lease_ms),
         local_writes_inflight_max: 64,
         transport: args.shared.transport()?,
+        tuning: args.tuning.tuning()?,
     };
     let nbd_listen = args.nbd_listen;
     run_on_executor("ordinal-primary", args.shared.cpu, move || async move {

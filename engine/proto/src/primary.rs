@@ -37,6 +37,13 @@ pub fn aux_primary_area_bytes(table_slots: u32) -> usize {
     AUX_ENTRIES_OFFSET + table_slots as usize * AUX_ENTRY_BYTES
 }
 
+/// Records per order batch at most, by default.
+pub const ORDER_BATCH_RECORDS_DEFAULT: usize = 64;
+/// Order batches in flight at most, by default.
+pub const ORDER_BATCHES_INFLIGHT_DEFAULT: usize = 8;
+/// Payload writes in flight at most, by default.
+pub const PAYLOAD_WRITES_INFLIGHT_DEFAULT: u64 = 64;
+
 #[derive(Clone, Copy, Debug)]
 pub struct PrimaryConfig {
     pub geometry: Geometry,
@@ -74,9 +81,9 @@ impl PrimaryConfig {
             mode,
             link_loss_policy: LinkLossPolicy::Block,
             epoch: 1,
-            order_batch_records_max: 64,
-            order_batches_inflight_max: 8,
-            payload_writes_inflight_max: 64,
+            order_batch_records_max: ORDER_BATCH_RECORDS_DEFAULT,
+            order_batches_inflight_max: ORDER_BATCHES_INFLIGHT_DEFAULT,
+            payload_writes_inflight_max: PAYLOAD_WRITES_INFLIGHT_DEFAULT,
             lag_ops_max: u64::from(geometry.table_slots),
             lag_bytes_max: geometry.ring_bytes,
             heartbeat_interval_ns: 10_000_000,

@@ -112,6 +112,7 @@ fn run() -> Result<Vec<String>, String> {
         lease: Duration::from_millis(400),
         local_writes_inflight_max: 64,
         transport: TransportChoice::Tcp,
+        tuning: Default::default(),
     };
     // The appliance's code runs on the primary's executor, next to the primary.
     let (done, outcome) = mpsc::channel();

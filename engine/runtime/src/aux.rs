@@ -136,7 +136,11 @@ pub async fn run_aux(options: AuxOptions) -> Result<(), String> {
         .map_err(|error| format!("invalid geometry: {error}"))?;
     std::fs::create_dir_all(&options.state_dir)
         .map_err(|error| format!("cannot create {}: {error}", options.state_dir.display()))?;
-    let transport = Transport::open(&options.transport, &options.geometry)?;
+    let transport = Transport::open(
+        &options.transport,
+        &options.geometry,
+        ordinal_proto::primary::PAYLOAD_WRITES_INFLIGHT_DEFAULT,
+    )?;
     let path = options.state_dir.join("aux-table.region");
     // The aux role owns its mapping (the transport reaches it through the role).
     let map = map_file(&path, aux_region_bytes(options.geometry.table_slots) as u64)?;

@@ -106,7 +106,11 @@ pub async fn run_dr(options: DrOptions) -> Result<(), String> {
         .map_err(|error| format!("invalid geometry: {error}"))?;
     std::fs::create_dir_all(&options.state_dir)
         .map_err(|error| format!("cannot create {}: {error}", options.state_dir.display()))?;
-    let transport = Transport::open(&options.transport, &options.geometry)?;
+    let transport = Transport::open(
+        &options.transport,
+        &options.geometry,
+        ordinal_proto::primary::PAYLOAD_WRITES_INFLIGHT_DEFAULT,
+    )?;
     let volume = Rc::new(Volume::open(&options.volume, geometry.sector_bytes).await?);
     if volume.size_bytes() != geometry.volume_bytes {
         return Err(format!(

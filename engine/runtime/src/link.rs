@@ -12,6 +12,10 @@ use ordinal_proto::Geometry;
 use crate::transport::{QueuePair, RegionTable, TransportEvent};
 use crate::Sender;
 
+/// The largest inline payload a verbs queue pair asks of its device unless configured otherwise:
+/// 256 bytes carry a one-record order batch (32 + 48 bytes) and status-table writes inline.
+pub const INLINE_MAX_BYTES_DEFAULT: u32 = 256;
+
 /// The transport named on the command line; opened on the daemon's executor.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum TransportChoice {
@@ -19,10 +23,12 @@ pub enum TransportChoice {
     Tcp,
     /// RC queue pairs on an RDMA device (such as soft-RoCE's `rxe0`). A queue pair's poller
     /// keeps polling for `poll_spin` after its last completion before it sleeps on the
-    /// completion channel: longer costs CPU and saves a wake-up per message.
+    /// completion channel: longer costs CPU and saves a wake-up per message. Work requests of
+    /// up to `inline_max_bytes` (as far as the device allows) are posted inline.
     Verbs {
         device: String,
         poll_spin: std::time::Duration,
+        inline_max_bytes: u32,
     },
 }
 
@@ -31,12 +37,14 @@ impl TransportChoice {
         transport: &str,
         device: &str,
         poll_spin: std::time::Duration,
+        inline_max_bytes: u32,
     ) -> Result<TransportChoice, String> {
         match transport {
             "tcp" => Ok(TransportChoice::Tcp),
             "verbs" if cfg!(feature = "verbs") => Ok(TransportChoice::Verbs {
                 device: device.to_string(),
                 poll_spin,
+                inline_max_bytes,
             }),
             "verbs" => Err("this build has no RDMA support (feature verbs)".into()),
             other => Err(format!("unknown transport {other:?}: use tcp or verbs")),
@@ -59,31 +67,41 @@ pub enum Transport {
     Verbs(Rc<crate::verbs::VerbsDomain>),
 }
 
-/// Payload writes the primary keeps in flight at most (`PrimaryConfig`'s default): a verbs
-/// queue pair's send arena holds that many of the largest write.
-#[cfg(feature = "verbs")]
-const PAYLOAD_WRITES_INFLIGHT: usize = 64;
-
 impl Transport {
-    /// Opens the transport; for verbs, the device, sized for `geometry`'s largest write.
-    pub fn open(choice: &TransportChoice, geometry: &Geometry) -> Result<Transport, String> {
+    /// Opens the transport; for verbs, the device, with send arenas that hold
+    /// `payload_writes_inflight` of `geometry`'s largest write (the primary's payload writes in
+    /// flight; roles that write no payloads pass the default, which leaves room to spare).
+    pub fn open(
+        choice: &TransportChoice,
+        geometry: &Geometry,
+        payload_writes_inflight: u64,
+    ) -> Result<Transport, String> {
         match choice {
             TransportChoice::Tcp => {
-                let _ = geometry;
+                let _ = (geometry, payload_writes_inflight);
                 Ok(Transport::Tcp)
             }
             #[cfg(feature = "verbs")]
-            TransportChoice::Verbs { device, poll_spin } => {
+            TransportChoice::Verbs {
+                device,
+                poll_spin,
+                inline_max_bytes,
+            } => {
                 // Every queue pair copies what it sends into its registered arena until the
-                // completion; the data pair has up to PAYLOAD_WRITES_INFLIGHT payloads in flight.
-                // The arena must also hold the largest frame the boundary accepts.
-                let payloads = PAYLOAD_WRITES_INFLIGHT * geometry.payload_bytes_max as usize;
+                // completion; the data pair has up to `payload_writes_inflight` payloads in
+                // flight. The arena must also hold the largest frame the boundary accepts.
+                // The primary's lag is bounded by the ring, so no more than the ring is ever in
+                // flight, however many writes may be.
+                let payloads = (payload_writes_inflight as usize
+                    * geometry.payload_bytes_max as usize)
+                    .min(geometry.ring_bytes as usize);
                 let arena = (payloads + (payloads >> 2))
                     .max(crate::transport::FRAME_PAYLOAD_BYTES_MAX * 2)
                     .next_power_of_two();
                 let config = crate::verbs::VerbsConfig {
                     send_arena_bytes: arena,
                     spin_after_completion: *poll_spin,
+                    inline_max_bytes: *inline_max_bytes,
                     ..crate::verbs::VerbsConfig::default()
                 };
                 let domain = crate::verbs::VerbsDomain::open_with(device, config)?;

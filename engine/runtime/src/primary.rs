@@ -43,6 +43,64 @@ pub struct PrimaryOptions {
     /// Local volume writes in flight at once.
     pub local_writes_inflight_max: usize,
     pub transport: TransportChoice,
+    pub tuning: Tuning,
+}
+
+/// The primary's knobs for the link at hand (`ordinal tune` searches them); the defaults are
+/// [`PrimaryConfig::new`]'s.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Tuning {
+    /// Most order records in one SEND (1 to 256).
+    pub order_batch_records_max: usize,
+    /// Order batches sent and not yet acknowledged (1 to 64; the DR keeps 256 receives posted).
+    pub order_batches_inflight_max: usize,
+    /// Payload WRITEs posted and not yet completed (1 to 4096).
+    pub payload_writes_inflight_max: u64,
+}
+
+impl Default for Tuning {
+    fn default() -> Self {
+        use ordinal_proto::primary as defaults;
+        Tuning {
+            order_batch_records_max: defaults::ORDER_BATCH_RECORDS_DEFAULT,
+            order_batches_inflight_max: defaults::ORDER_BATCHES_INFLIGHT_DEFAULT,
+            payload_writes_inflight_max: defaults::PAYLOAD_WRITES_INFLIGHT_DEFAULT,
+        }
+    }
+}
+
+impl Tuning {
+    /// Order batches in flight at most: the DR posts `verbs::RECV_DEPTH_DEFAULT` (256)
+    /// receives per queue pair, and each batch in flight may hold one of them.
+    pub const ORDER_BATCHES_INFLIGHT_MAX: usize = 64;
+    /// Payload writes in flight at most: each is a work request on the data queue pair, whose
+    /// send queue holds `transport::SEND_QUEUE_DEPTH` (4096).
+    pub const PAYLOAD_WRITES_INFLIGHT_MAX: u64 = 4096;
+
+    pub fn validate(&self) -> Result<(), String> {
+        let in_range = |name: &str, value: u64, max: u64| {
+            if (1..=max).contains(&value) {
+                Ok(())
+            } else {
+                Err(format!("{name} must be 1 to {max}, not {value}"))
+            }
+        };
+        in_range(
+            "the order batch size",
+            self.order_batch_records_max as u64,
+            ordinal_proto::wire::ORDER_BATCH_RECORDS_MAX as u64,
+        )?;
+        in_range(
+            "the order batches in flight",
+            self.order_batches_inflight_max as u64,
+            Self::ORDER_BATCHES_INFLIGHT_MAX as u64,
+        )?;
+        in_range(
+            "the payload writes in flight",
+            self.payload_writes_inflight_max,
+            Self::PAYLOAD_WRITES_INFLIGHT_MAX,
+        )
+    }
 }
 
 /// How a client write ended.
@@ -269,7 +327,12 @@ pub async fn run_primary(
     geometry
         .validate()
         .map_err(|error| format!("invalid geometry: {error}"))?;
-    let transport = Transport::open(&options.transport, &options.geometry)?;
+    options.tuning.validate()?;
+    let transport = Transport::open(
+        &options.transport,
+        &options.geometry,
+        options.tuning.payload_writes_inflight_max,
+    )?;
     let volume = Rc::new(Volume::open(&options.volume, geometry.sector_bytes).await?);
     if volume.size_bytes() != geometry.volume_bytes {
         return Err(format!(
@@ -280,6 +343,9 @@ pub async fn run_primary(
         ));
     }
     let mut config = PrimaryConfig::new(geometry, options.mode);
+    config.order_batch_records_max = options.tuning.order_batch_records_max;
+    config.order_batches_inflight_max = options.tuning.order_batches_inflight_max;
+    config.payload_writes_inflight_max = options.tuning.payload_writes_inflight_max;
     config.link_loss_policy = options.link_loss_policy;
     config.epoch = options.epoch;
     config.heartbeat_interval_ns = options.heartbeat_interval.as_nanos() as u64;
@@ -690,6 +756,26 @@ fn start_local_writes(node: &mut PrimaryNode, jobs: Vec<WriteJob>, local: &Sende
     }
 }
 
+/// A work request the queue pair refused is never carried out, but the protocol counts it as
+/// posted, and completions are cumulative: a later completion would then vouch for it (a payload
+/// that never reached the DR would be marked replicated). So a refusal fails the queue pair,
+/// and the protocol's reconnect sends everything not completed again. `Down` needs nothing: the
+/// pair's `Down` event is on its way.
+fn fail_on_refused_post(
+    qp: &QueuePair,
+    what: &str,
+    posted: Result<(), crate::transport::PostError>,
+) {
+    match posted {
+        Ok(()) | Err(crate::transport::PostError::Down) => {}
+        Err(refused) => {
+            let reason = format!("the transport refused a {what} ({refused:?})");
+            eprintln!("primary: {reason}; failing the queue pair");
+            qp.fail(&reason);
+        }
+    }
+}
+
 fn execute_actions(node: &mut PrimaryNode, local: &Sender<PrimaryEvent>) {
     let actions: Vec<PrimaryAction> = node.primary.drain_actions().collect();
     for action in actions {
@@ -716,6 +802,7 @@ fn execute_actions(node: &mut PrimaryNode, local: &Sender<PrimaryEvent>) {
                         node.orders_in_flight
                             .push_back((last_seq, std::time::Instant::now()));
                     }
+                    fail_on_refused_post(order, "order batch", posted);
                 }
             }
             PrimaryAction::WritePayload {
@@ -727,8 +814,9 @@ fn execute_actions(node: &mut PrimaryNode, local: &Sender<PrimaryEvent>) {
                 if let Some((_, data, ring)) = &node.dr {
                     let span =
                         &node.staging[ring_offset as usize..ring_offset as usize + len as usize];
-                    let _ =
+                    let posted =
                         data.post_write(seq, span, ring.addr + ring_offset, ring.rkey, Some(imm));
+                    fail_on_refused_post(data, "payload write", posted);
                 }
             }
             PrimaryAction::WriteAux { offset, len, tag } => {
@@ -738,8 +826,9 @@ fn execute_actions(node: &mut PrimaryNode, local: &Sender<PrimaryEvent>) {
                         AuxWriteTag::Entries => WR_AUX_ENTRIES,
                     };
                     let bytes = &node.primary.aux_area()[offset..offset + len];
-                    let _ =
+                    let posted =
                         qp.post_write(wr_id, bytes, table.addr + offset as u64, table.rkey, None);
+                    fail_on_refused_post(qp, "status table write", posted);
                 }
             }
             PrimaryAction::AckClient {

@@ -111,7 +111,8 @@ const ARENA_ALIGN_BYTES: u64 = 64;
 
 /// Inline sizes asked of the device, largest first: 256 bytes carry a one-record order batch
 /// (32 + 48 bytes) and aux writes inline; devices that inline less get the next ask.
-const INLINE_ASKS_BYTES: [u32; 3] = [256, 64, 0];
+const INLINE_ASKS_BYTES: [u32; 3] = [INLINE_MAX_BYTES_DEFAULT, 64, 0];
+pub use crate::link::INLINE_MAX_BYTES_DEFAULT;
 
 /// How long the poller keeps polling after the last completion before it sleeps: a reply
 /// (an order's ACK) usually follows a completion closely.
@@ -177,6 +178,9 @@ pub struct VerbsConfig {
     /// How long a poller busy-polls outstanding work without a completion
     /// ([`BUSY_POLL_OUTSTANDING_MAX`]).
     pub busy_poll_outstanding_max: Duration,
+    /// Largest inline payload asked of the device ([`INLINE_MAX_BYTES_DEFAULT`]); a device that
+    /// grants less gets the next smaller of [`INLINE_ASKS_BYTES`].
+    pub inline_max_bytes: u32,
 }
 
 impl Default for VerbsConfig {
@@ -190,6 +194,7 @@ impl Default for VerbsConfig {
             rts: RtsParams::default(),
             spin_after_completion: SPIN_AFTER_COMPLETION,
             busy_poll_outstanding_max: BUSY_POLL_OUTSTANDING_MAX,
+            inline_max_bytes: INLINE_MAX_BYTES_DEFAULT,
         }
     }
 }
@@ -1128,7 +1133,10 @@ pub(crate) async fn prepare(
     let cq = CompletionQueue::new(&domain.context, cq_entries, Some(&channel))
         .map_err(|error| hw_error("completion queue", error))?;
     let mut created = Err(String::new());
-    for inline in INLINE_ASKS_BYTES {
+    let smaller_asks = INLINE_ASKS_BYTES
+        .into_iter()
+        .filter(|ask| *ask < config.inline_max_bytes);
+    for inline in std::iter::once(config.inline_max_bytes).chain(smaller_asks) {
         let caps = QpCaps {
             max_send_wr: config.send_queue_depth,
             max_recv_wr: config.recv_depth,
