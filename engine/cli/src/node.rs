@@ -204,7 +204,8 @@ pub struct AuxArgs {
     /// Where the primary and the DR connect.
     #[arg(long, default_value = "127.0.0.1:7430")]
     pub listen: SocketAddr,
-    /// The primary is declared dead when its heartbeat has not advanced for this long (ms).
+    /// The primary is declared dead when its heartbeat has not advanced for this long (ms); a
+    /// primary that connected and has not written its first heartbeat yet gets ten times as long.
     #[arg(long, default_value_t = 1000)]
     pub heartbeat_timeout_ms: u64,
 }

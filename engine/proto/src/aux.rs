@@ -23,6 +23,15 @@ pub fn aux_region_bytes(table_slots: u32) -> usize {
     AUX_PRIMARY_AREA_OFFSET + aux_primary_area_bytes(table_slots)
 }
 
+/// Heartbeat timeouts a primary that just connected has to write its first heartbeat. Before
+/// its first heartbeat lands a primary holds no lease, so it acknowledges nothing, and waiting
+/// longer for it risks no write. But it may be slow to get there: it registers its memory
+/// (which pins every page of the staging ring and the send arenas) and connects to the DR on
+/// the same thread. Seen with a one-timeout grace: a primary in a soft-RoCE guest, fenced
+/// before its first heartbeat landed, after it had connected to the aux and the DR; every write
+/// of the run was then refused.
+pub const FIRST_HEARTBEAT_GRACE_TIMEOUTS: u64 = 10;
+
 #[derive(Clone, Copy, Debug)]
 pub struct AuxConfig {
     pub geometry: Geometry,
@@ -53,6 +62,9 @@ pub struct Aux<R> {
     header: RegionHeader,
     last_heartbeat: Option<Heartbeat>,
     last_change_at: Nanos,
+    /// A primary connected and its heartbeat has not changed since: it gets
+    /// `FIRST_HEARTBEAT_GRACE_TIMEOUTS` instead of one.
+    awaiting_first_heartbeat: bool,
     fence_cause: Option<FenceCause>,
     actions: Vec<AuxAction>,
 }
@@ -102,6 +114,7 @@ impl<R: AsRef<[u8]> + AsMut<[u8]>> Aux<R> {
             header,
             last_heartbeat: None,
             last_change_at: now,
+            awaiting_first_heartbeat: false,
             fence_cause,
             actions: Vec::new(),
         };
@@ -149,11 +162,13 @@ impl<R: AsRef<[u8]> + AsMut<[u8]>> Aux<R> {
             .flatten()
     }
 
-    /// A primary connected: its heartbeat is watched from now on, with a whole timeout of grace,
-    /// so that a primary started long after the aux is not declared dead on arrival.
+    /// A primary connected: its heartbeat is watched from now on, so that a primary started
+    /// long after the aux is not declared dead on arrival, and until the heartbeat first changes
+    /// with `FIRST_HEARTBEAT_GRACE_TIMEOUTS` of grace rather than one.
     pub fn handle_primary_connected(&mut self, now: Nanos) {
         if self.fence_cause.is_none() {
             self.last_change_at = self.last_change_at.max(now);
+            self.awaiting_first_heartbeat = true;
         }
     }
 
@@ -166,9 +181,15 @@ impl<R: AsRef<[u8]> + AsMut<[u8]>> Aux<R> {
         if heartbeat != self.last_heartbeat {
             self.last_heartbeat = heartbeat;
             self.last_change_at = now;
+            self.awaiting_first_heartbeat = false;
             return;
         }
-        if now.saturating_sub(self.last_change_at) >= self.config.heartbeat_timeout_ns {
+        let timeout = if self.awaiting_first_heartbeat {
+            self.config.heartbeat_timeout_ns * FIRST_HEARTBEAT_GRACE_TIMEOUTS
+        } else {
+            self.config.heartbeat_timeout_ns
+        };
+        if now.saturating_sub(self.last_change_at) >= timeout {
             self.fence(FenceCause::HeartbeatLost);
             self.actions.push(AuxAction::NotifyPrimaryLost {
                 epoch: self.header.epoch,
@@ -188,6 +209,7 @@ impl<R: AsRef<[u8]> + AsMut<[u8]>> Aux<R> {
             if heartbeat != self.last_heartbeat {
                 self.last_heartbeat = heartbeat;
                 self.last_change_at = now;
+                self.awaiting_first_heartbeat = false;
             }
             self.fence(FenceCause::Requested);
         }
@@ -213,20 +235,57 @@ mod tests {
     use super::*;
     use crate::config::sample_geometry;
 
-    #[test]
-    fn a_primary_connecting_late_gets_a_whole_timeout_of_grace() {
-        // Checks that an aux opened long before its primary connects does not declare that
-        // primary dead on arrival, and still does a whole timeout after it connected.
+    fn aux_with_timeout_of_1000() -> Aux<Vec<u8>> {
         let config = AuxConfig {
             geometry: sample_geometry(),
             heartbeat_timeout_ns: 1_000,
         };
         let region = vec![0u8; aux_region_bytes(config.geometry.table_slots)];
-        let mut aux = Aux::open(config, region, 1, 0).expect("a fresh region opens");
+        Aux::open(config, region, 1, 0).expect("a fresh region opens")
+    }
+
+    fn write_heartbeat(aux: &mut Aux<Vec<u8>>, counter: u64) {
+        Heartbeat { counter, epoch: 1 }
+            .encode(&mut aux.nic_region_mut()[AUX_PRIMARY_AREA_OFFSET..]);
+    }
+
+    #[test]
+    fn a_primary_that_never_heartbeats_is_declared_dead_after_the_first_heartbeat_grace() {
+        // Checks that an aux opened long before its primary connects does not declare that
+        // primary dead on arrival, nor before the first-heartbeat grace has passed, and does
+        // when it has.
+        let mut aux = aux_with_timeout_of_1000();
         aux.handle_primary_connected(10_000);
-        aux.handle_tick(10_500);
-        assert_eq!(aux.fenced(), None, "within the grace period");
         aux.handle_tick(11_000);
+        aux.handle_tick(19_999);
+        assert_eq!(aux.fenced(), None, "within the first-heartbeat grace");
+        aux.handle_tick(10_000 + 1_000 * FIRST_HEARTBEAT_GRACE_TIMEOUTS);
+        assert_eq!(aux.fenced(), Some(FenceCause::HeartbeatLost));
+    }
+
+    #[test]
+    fn once_the_heartbeat_moved_one_timeout_without_a_change_is_death() {
+        // Checks that the long grace covers only the wait for the first heartbeat: after it,
+        // and again after a reconnect followed by a heartbeat, one timeout is the bound.
+        let mut aux = aux_with_timeout_of_1000();
+        aux.handle_primary_connected(10_000);
+        write_heartbeat(&mut aux, 1);
+        aux.handle_tick(10_500);
+        aux.handle_tick(11_400);
+        assert_eq!(aux.fenced(), None);
+        aux.handle_tick(11_500);
+        assert_eq!(aux.fenced(), Some(FenceCause::HeartbeatLost));
+
+        let mut aux = aux_with_timeout_of_1000();
+        aux.handle_primary_connected(0);
+        write_heartbeat(&mut aux, 1);
+        aux.handle_tick(100);
+        aux.handle_primary_connected(500);
+        write_heartbeat(&mut aux, 2);
+        aux.handle_tick(600);
+        aux.handle_tick(1_599);
+        assert_eq!(aux.fenced(), None);
+        aux.handle_tick(1_600);
         assert_eq!(aux.fenced(), Some(FenceCause::HeartbeatLost));
     }
 }
