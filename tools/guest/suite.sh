@@ -81,7 +81,7 @@ TMPDIR=/tmp ./target/release/ordinal demo --transport verbs --runs '"$failovers"
 echo "== ordinal demo --transport verbs --dr-apply-delay-ms 200: failovers that must apply from the staging ring"
 TMPDIR=/tmp ./target/release/ordinal demo --transport verbs --runs 2 --seed 100 --writes 400 --quiet \
   --dr-apply-delay-ms 200 >/tmp/ring-runs.txt && rc=0 || rc=$?
-cat /tmp/ring-runs.txt
+sed "s/^\([0-9]* run(s), \)/ring recovery: \1/" /tmp/ring-runs.txt
 [ "$rc" = 0 ] || { show_failed_runs; exit 16; }
 grep -Eq " [1-9][0-9]* applied from the ring at failover" /tmp/ring-runs.txt || {
   echo "no failover applied anything from the staging ring"; exit 17; }
@@ -97,10 +97,11 @@ tools/guest/run.sh --timeout 600 --mem 1G -- "$guest_script" 2>&1 | tee "$guest_
 # perftest's result rows: latency "2 iterations t_min t_max t_typical t_avg ..."; bandwidth
 # "65536 iterations BW_peak BW_average MsgRate" (MB/s).
 tr -d '\r' <"$guest_log" | awk '
-  $1 == 2 && NF >= 6 && $3 ~ /^[0-9.]+$/ { printf "guest suite: ib_send_lat 2 B: typical %s us, avg %s us (half a round trip)\n", $5, $6 }
-  $1 == 65536 && NF >= 5 && $4 ~ /^[0-9.]+$/ { printf "guest suite: ib_write_bw 64 KiB: %s MB/s average\n", $4 }
+  $1 == 2 && NF >= 6 && $2 ~ /^[0-9]+$/ && $3 ~ /^[0-9.]+$/ { printf "guest suite: ib_send_lat 2 B: typical %s us, avg %s us (half a round trip)\n", $5, $6 }
+  $1 == 65536 && NF >= 5 && $2 ~ /^[0-9]+$/ && $4 ~ /^[0-9.]+$/ { printf "guest suite: ib_write_bw 64 KiB: %s MB/s average\n", $4 }
   /^test result:/ { print "guest suite: verbs tests: " $0 }
-  /^[0-9]+ run\(s\), / { print "guest suite: ordinal demo --transport verbs: " $0 }'
+  /^[0-9]+ run\(s\), / { print "guest suite: ordinal demo --transport verbs: " $0 }
+  /^ring recovery: [0-9]+ run\(s\), / { print "guest suite: ordinal demo --transport verbs --dr-apply-delay-ms 200, " $0 }'
 case $rc in
   0) ;;
   125) skip "the guest did not reach its command (QEMU could not run it here)" ;;
