@@ -57,6 +57,18 @@ pub struct LoopbackConfig {
 /// The staging ring of a benchmark's system unless told otherwise: the daemons' default.
 pub const RING_BYTES_DEFAULT: u64 = 64 << 20;
 
+/// The largest write of a benchmark's system measuring writes of up to `write_bytes`: no
+/// larger than the run needs (on verbs each queue pair registers a send arena sized for it),
+/// and at least 64 KiB.
+pub fn payload_bytes_max_for(write_bytes: usize) -> u32 {
+    write_bytes.max(64 << 10) as u32
+}
+
+/// The smallest staging ring (MiB) for such a system: it must hold two of its largest writes.
+pub fn ring_mib_min_for(write_bytes: usize) -> u64 {
+    (2 * u64::from(payload_bytes_max_for(write_bytes))).div_ceil(1 << 20)
+}
+
 /// What one run measured. Latencies are in nanoseconds.
 #[derive(Debug)]
 pub struct LoopbackReport {
@@ -297,9 +309,7 @@ where
         sector_bytes: 512,
         ring_bytes: config.ring_bytes,
         table_slots: 4096,
-        // No larger than the run needs: on verbs each queue pair registers a send arena sized
-        // for the largest write.
-        payload_bytes_max: config.write_bytes.max(64 << 10) as u32,
+        payload_bytes_max: payload_bytes_max_for(config.write_bytes),
     };
     let (aux_addr, dr_addr, primary_addr) = (free_port()?, free_port()?, free_port()?);
     let aux = AuxOptions {

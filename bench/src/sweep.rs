@@ -111,19 +111,12 @@ pub fn validate(config: &SweepConfig) -> Result<(), String> {
     if config.point_time < Duration::from_millis(100) {
         return Err("each point needs at least 100 ms".into());
     }
-    // The system's largest write is the largest size, and at least 64 KiB (see `with_system`).
-    let largest = config
-        .sizes
-        .iter()
-        .copied()
-        .max()
-        .unwrap_or(0)
-        .max(64 << 10) as u64;
-    if config.ring_bytes < 2 * largest {
+    let largest = config.sizes.iter().copied().max().unwrap_or(0);
+    let ring_mib_min = crate::loopback::ring_mib_min_for(largest);
+    if config.ring_bytes < ring_mib_min << 20 {
         return Err(format!(
-            "a staging ring of {} KiB cannot hold two writes of {} KiB",
-            config.ring_bytes >> 10,
-            largest >> 10
+            "a staging ring of {} KiB is too small for {largest}-byte writes: {ring_mib_min} MiB at least",
+            config.ring_bytes >> 10
         ));
     }
     config.tuning.validate()

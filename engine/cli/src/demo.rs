@@ -58,7 +58,7 @@ pub struct DemoArgs {
     pub device: String,
     /// Pass `--apply-delay-ms` to the DR: its applies lag, so that the failover must apply
     /// verified payloads from the staging ring ("applied from the ring at failover").
-    #[arg(long, default_value_t = 0)]
+    #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u64).range(..=60_000))]
     pub dr_apply_delay_ms: u64,
 }
 

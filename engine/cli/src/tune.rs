@@ -15,7 +15,7 @@ use std::process::{Command, ExitCode};
 
 use clap::Args;
 
-use crate::node::{TransportArgs, TuningArgs};
+use crate::node::TransportArgs;
 
 #[derive(Args, Debug)]
 pub struct TuneArgs {
@@ -104,7 +104,7 @@ fn candidates(knob: &str, args: &TuneArgs, verbs: bool) -> Vec<u64> {
         "payload writes in flight" => vec![8, 16, 64, 256],
         // At least two of the largest write (64 KiB or the size, whichever is larger).
         "ring MiB" => {
-            let floor = ((2 * args.size.max(64 << 10)) as u64).div_ceil(1 << 20);
+            let floor = ordinal_bench::loopback::ring_mib_min_for(args.size);
             [16, 64, 256]
                 .into_iter()
                 .filter(|&mib| mib >= floor)
@@ -237,17 +237,14 @@ pub fn run(args: TuneArgs) -> Result<ExitCode, String> {
     }
     args.link.choice()?;
     let verbs = args.link.transport == "verbs";
-    let defaults = TuningArgs {
-        order_batch_records: ordinal_proto::primary::ORDER_BATCH_RECORDS_DEFAULT,
-        order_batches_inflight: ordinal_proto::primary::ORDER_BATCHES_INFLIGHT_DEFAULT,
-        payload_writes_inflight: ordinal_proto::primary::PAYLOAD_WRITES_INFLIGHT_DEFAULT,
-    };
+    let defaults = ordinal_runtime::primary::Tuning::default();
     let default_knobs = Knobs {
         queue_depth: *args.queue_depths.iter().max().expect("not empty"),
-        order_batch_records: defaults.order_batch_records,
-        order_batches_inflight: defaults.order_batches_inflight,
-        payload_writes_inflight: defaults.payload_writes_inflight,
-        ring_mib: 64.max(((2 * args.size.max(64 << 10)) as u64).div_ceil(1 << 20)),
+        order_batch_records: defaults.order_batch_records_max,
+        order_batches_inflight: defaults.order_batches_inflight_max,
+        payload_writes_inflight: defaults.payload_writes_inflight_max,
+        ring_mib: (ordinal_bench::loopback::RING_BYTES_DEFAULT >> 20)
+            .max(ordinal_bench::loopback::ring_mib_min_for(args.size)),
         inline_max_bytes: ordinal_runtime::link::INLINE_MAX_BYTES_DEFAULT,
     };
     let scratch = std::env::temp_dir().join(format!("ordinal-tune-{}", std::process::id()));

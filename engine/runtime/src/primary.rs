@@ -74,8 +74,8 @@ impl Tuning {
     /// receives per queue pair, and each batch in flight may hold one of them.
     pub const ORDER_BATCHES_INFLIGHT_MAX: usize = 64;
     /// Payload writes in flight at most: each is a work request on the data queue pair, whose
-    /// send queue holds `transport::SEND_QUEUE_DEPTH` (4096).
-    pub const PAYLOAD_WRITES_INFLIGHT_MAX: u64 = 4096;
+    /// send queue holds `transport::SEND_QUEUE_DEPTH`.
+    pub const PAYLOAD_WRITES_INFLIGHT_MAX: u64 = crate::transport::SEND_QUEUE_DEPTH as u64;
 
     pub fn validate(&self) -> Result<(), String> {
         let in_range = |name: &str, value: u64, max: u64| {
