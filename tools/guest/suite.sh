@@ -6,6 +6,8 @@
 #   - the verbs transport's tests (the transport boundary's semantics on rxe0);
 #   - ORDINAL_GUEST_FAILOVERS (10) runs of `ordinal demo --transport verbs`: aux, DR and primary
 #     in the guest over rxe0, the primary killed with SIGKILL under load, failover, I1-I6 checked;
+#     then 2 more with the DR's applies held back, so that the failover applies payloads from
+#     the staging ring (the patent's recovery path over RDMA);
 #   - then ORDINAL_GUEST_CRASHES (3) machine crashes with one guest per role (tools/guest/crash.sh);
 #   - perftest's ib_send_lat and ib_write_bw on the same device, as the reference figures.
 #
@@ -67,6 +69,13 @@ show_failed_runs() {
 }
 TMPDIR=/tmp ./target/release/ordinal demo --transport verbs --runs '"$failovers"' --quiet || {
   show_failed_runs; exit 15; }
+echo "== ordinal demo --transport verbs --dr-apply-delay-ms 200: failovers that must apply from the staging ring"
+TMPDIR=/tmp ./target/release/ordinal demo --transport verbs --runs 2 --seed 100 --writes 400 --quiet \
+  --dr-apply-delay-ms 200 >/tmp/ring-runs.txt && rc=0 || rc=$?
+sed "s/^\([0-9]* run(s), \)/ring recovery: \1/" /tmp/ring-runs.txt
+[ "$rc" = 0 ] || { show_failed_runs; exit 16; }
+grep -Eq " [1-9][0-9]* applied from the ring at failover" /tmp/ring-runs.txt || {
+  echo "no failover applied anything from the staging ring"; exit 17; }
 echo "== perftest: ib_send_lat (half a round trip) and ib_write_bw on rxe0"
 serve_and_run ib_send_lat -n 2000 || exit 12
 serve_and_run ib_write_bw -n 2000 || exit 13
@@ -77,12 +86,14 @@ guest_log=$(mktemp)
 trap 'rm -f "$build_log" "$guest_log"' EXIT
 tools/guest/run.sh --timeout 600 --mem 1G -- "$guest_script" 2>&1 | tee "$guest_log" && rc=0 || rc=${PIPESTATUS[0]}
 # perftest's result rows: latency "2 iterations t_min t_max t_typical t_avg ..."; bandwidth
-# "65536 iterations BW_peak BW_average MsgRate" (MB/s).
+# "65536 iterations BW_peak BW_average MsgRate": perftest's MB/sec are MiB/s (its format factor
+# for MB is 0x100000), printed here as MB/s of 10^6 bytes like ordinal's figures.
 tr -d '\r' <"$guest_log" | awk '
   $1 == 2 && NF >= 6 && $2 ~ /^[0-9]+$/ && $3 ~ /^[0-9.]+$/ { printf "guest suite: ib_send_lat 2 B: typical %s us, avg %s us (half a round trip)\n", $5, $6 }
-  $1 == 65536 && NF >= 5 && $2 ~ /^[0-9]+$/ && $4 ~ /^[0-9.]+$/ { printf "guest suite: ib_write_bw 64 KiB: %s MB/s average\n", $4 }
+  $1 == 65536 && NF >= 5 && $2 ~ /^[0-9]+$/ && $4 ~ /^[0-9.]+$/ { printf "guest suite: ib_write_bw 64 KiB: %.1f MB/s average (%s MiB/s)\n", $4 * 1.048576, $4 }
   /^test result:/ { print "guest suite: verbs tests: " $0 }
-  /^[0-9]+ run\(s\), / { print "guest suite: ordinal demo --transport verbs: " $0 }'
+  /^[0-9]+ run\(s\), / { print "guest suite: ordinal demo --transport verbs: " $0 }
+  /^ring recovery: [0-9]+ run\(s\), / { print "guest suite: ordinal demo --transport verbs --dr-apply-delay-ms 200, " $0 }'
 case $rc in
   0) ;;
   125) skip "the guest did not reach its command (QEMU could not run it here)" ;;

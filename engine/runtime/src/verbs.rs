@@ -1150,16 +1150,30 @@ pub(crate) async fn prepare(
         }
     }
     let mut qp = created?;
-    let arena_buffer = PageBuffer::new(config.send_arena_bytes)
-        .map_err(|error| format!("allocating the send arena: {error}"))?;
-    // LOCAL_WRITE: READs land in the arena too.
-    let arena = MemoryRegion::new(&pd, arena_buffer, Access::LOCAL_WRITE)
-        .map_err(|error| hw_error("registering the send arena", error))?;
     let recv_buffers = config.recv_depth as usize;
-    let pool_buffer = PageBuffer::new(recv_buffers * RECV_BUFFER_BYTES)
-        .map_err(|error| format!("allocating the receive buffers: {error}"))?;
-    let recv_pool = MemoryRegion::new(&pd, pool_buffer, Access::LOCAL_WRITE)
-        .map_err(|error| hw_error("registering the receive buffers", error))?;
+    let (arena, recv_pool) = {
+        let pd = pd.clone();
+        let (arena_bytes, pool_bytes) = (config.send_arena_bytes, recv_buffers * RECV_BUFFER_BYTES);
+        // Registering faults in and pins every page of both buffers (64 + 4 MiB by default):
+        // milliseconds on a host, but most of a second in an emulated guest. On the executor's
+        // thread that would stall the role's loop, and a primary whose heartbeats stall that
+        // long while it connects is fenced by its aux (seen in the guest suite); on glommio's
+        // blocking thread the loop keeps running.
+        glommio::executor()
+            .spawn_blocking(move || -> Result<_, String> {
+                let arena_buffer = PageBuffer::new(arena_bytes)
+                    .map_err(|error| format!("allocating the send arena: {error}"))?;
+                // LOCAL_WRITE: READs land in the arena too.
+                let arena = MemoryRegion::new(&pd, arena_buffer, Access::LOCAL_WRITE)
+                    .map_err(|error| format!("registering the send arena: {error}"))?;
+                let pool_buffer = PageBuffer::new(pool_bytes)
+                    .map_err(|error| format!("allocating the receive buffers: {error}"))?;
+                let recv_pool = MemoryRegion::new(&pd, pool_buffer, Access::LOCAL_WRITE)
+                    .map_err(|error| format!("registering the receive buffers: {error}"))?;
+                Ok((arena, recv_pool))
+            })
+            .await?
+    };
     qp.to_init(config.port, Access::REMOTE_WRITE | Access::REMOTE_READ)
         .map_err(|error| error.to_string())?;
     let granted = qp.caps();
