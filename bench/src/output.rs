@@ -1,6 +1,6 @@
 //! What `ordinal bench` leaves behind: a JSON file with every parameter and percentile, one
 //! HdrHistogram percentile distribution (`.hgrm`, the text format HdrHistogram's plotters read)
-//! per point and baseline, and three SVG plots drawn here (no plotting dependency: a line chart
+//! per point and baseline, and four SVG plots drawn here (no plotting dependency: a line chart
 //! is a few polylines).
 
 use std::fmt::Write as _;
@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 
 use hdrhistogram::Histogram;
 
-use crate::sweep::{Sweep, ACK_BYTES};
+use crate::sweep::{Point, Sweep, ACK_BYTES};
 
 /// The percentiles every summary lists.
 const QUANTILES: [(&str, f64); 5] = [
@@ -42,6 +42,29 @@ fn summary_json(histogram: &Histogram<u64>) -> String {
     json
 }
 
+/// A point's lag series: the largest sample and every sample as [milliseconds, ops, bytes].
+fn lag_json(point: &Point) -> String {
+    let max = point.lag_max();
+    let mut json = format!(
+        "{{\"interval_ms\":{:.1},\"ops_max\":{},\"bytes_max\":{},\"series\":[",
+        point.lag_interval.as_secs_f64() * 1000.0,
+        max.ops,
+        max.bytes
+    );
+    for (index, sample) in point.lag.iter().enumerate() {
+        let _ = write!(
+            json,
+            "{}[{:.1},{},{}]",
+            if index > 0 { "," } else { "" },
+            sample.at.as_secs_f64() * 1000.0,
+            sample.ops,
+            sample.bytes
+        );
+    }
+    json.push_str("]}");
+    json
+}
+
 /// Every figure of the run as JSON (latencies in microseconds).
 pub fn json(sweep: &Sweep, parameters: &str) -> String {
     let mut json = format!(
@@ -69,7 +92,7 @@ pub fn json(sweep: &Sweep, parameters: &str) -> String {
         });
         let _ = write!(
             json,
-            "{}{{\"mode\":\"{}\",\"write_bytes\":{},\"queue_depth\":{},\"writes\":{},\"failed\":{},\"seconds\":{:.3},\"writes_per_s\":{:.0},\"mb_per_s\":{:.1},\"latency_us\":{},\"p50_over_pingpong_p50\":{:.2},\"mb_per_s_over_stream\":{:.2}}}",
+            "{}{{\"mode\":\"{}\",\"write_bytes\":{},\"queue_depth\":{},\"writes\":{},\"failed\":{},\"seconds\":{:.3},\"writes_per_s\":{:.0},\"mb_per_s\":{:.1},\"latency_us\":{},\"p50_over_pingpong_p50\":{:.2},\"mb_per_s_over_stream\":{:.2},\"lag\":{}}}",
             if index > 0 { "," } else { "" },
             point.mode.name(),
             point.write_bytes,
@@ -81,7 +104,8 @@ pub fn json(sweep: &Sweep, parameters: &str) -> String {
             point.megabytes_per_second(),
             summary_json(&point.latency_ns),
             latency_ratio,
-            stream_ratio
+            stream_ratio,
+            lag_json(point)
         );
     }
     json.push_str("]}\n");
@@ -91,7 +115,7 @@ pub fn json(sweep: &Sweep, parameters: &str) -> String {
 /// The human table: each point next to its baselines and the ratios.
 pub fn table(sweep: &Sweep) -> String {
     let mut table = format!(
-        "{:<11} {:>8} {:>4} {:>10} {:>10} {:>10} {:>10} {:>9} {:>11} {:>7} {:>10} {:>7}\n",
+        "{:<11} {:>8} {:>4} {:>10} {:>10} {:>10} {:>10} {:>9} {:>11} {:>7} {:>10} {:>7} {:>8} {:>8}\n",
         "mode",
         "bytes",
         "QD",
@@ -103,16 +127,19 @@ pub fn table(sweep: &Sweep) -> String {
         "ping p50 us",
         "ratio",
         "stream MB/s",
-        "ratio"
+        "ratio",
+        "lag ops",
+        "lag MiB"
     );
     for point in &sweep.points {
         let baseline = sweep.baseline(point.write_bytes);
         let pingpong = baseline.map_or(0.0, |b| us(b.pingpong_ns.value_at_quantile(0.5)));
         let stream = baseline.map_or(0.0, |b| b.stream_megabytes_per_second);
         let p50 = us(point.latency_ns.value_at_quantile(0.5));
+        let lag_max = point.lag_max();
         let _ = writeln!(
             table,
-            "{:<11} {:>8} {:>4} {:>10.1} {:>10.1} {:>10.1} {:>10.0} {:>9.1} {:>11.1} {:>6.2}x {:>10.0} {:>6.2}x{}",
+            "{:<11} {:>8} {:>4} {:>10.1} {:>10.1} {:>10.1} {:>10.0} {:>9.1} {:>11.1} {:>6.2}x {:>10.0} {:>6.2}x {:>8} {:>8.2}{}",
             point.mode.name(),
             point.write_bytes,
             point.queue_depth,
@@ -125,6 +152,8 @@ pub fn table(sweep: &Sweep) -> String {
             p50 / pingpong.max(1e-9),
             stream,
             point.megabytes_per_second() / stream.max(1e-9),
+            lag_max.ops,
+            lag_max.bytes as f64 / f64::from(1 << 20),
             if point.failed > 0 { format!("  {} FAILED", point.failed) } else { String::new() }
         );
     }
@@ -284,8 +313,9 @@ fn size_label(bytes: usize) -> String {
     }
 }
 
-/// The three plots: latency percentile curves per mode (smallest size, QD 1), p50 latency
-/// against payload size (QD 1), and throughput against payload size (largest QD).
+/// The four plots: latency percentile curves per mode (smallest size, QD 1), p50 latency
+/// against payload size (QD 1), throughput against payload size (largest QD), and the lag over
+/// time (largest size, largest QD).
 pub fn plots(sweep: &Sweep) -> Vec<(&'static str, String)> {
     let mut modes: Vec<_> = sweep.points.iter().map(|point| point.mode).collect();
     modes.dedup();
@@ -396,6 +426,42 @@ pub fn plots(sweep: &Sweep) -> Vec<(&'static str, String)> {
             .map(|b| (b.write_bytes as f64, b.stream_megabytes_per_second))
             .collect(),
     });
+    // The recovery point over time where the lag can grow most: the largest payload at the
+    // highest queue depth.
+    let largest = sizes.last().copied().unwrap_or(4096);
+    let lag_series: Vec<Series> = modes
+        .iter()
+        .enumerate()
+        .filter_map(|(index, &mode)| {
+            find(mode, largest, highest_depth).map(|point| Series {
+                name: mode.name().into(),
+                color: COLORS[index % 3],
+                dashed: false,
+                points: point
+                    .lag
+                    .iter()
+                    .map(|sample| {
+                        (
+                            sample.at.as_secs_f64(),
+                            sample.bytes as f64 / f64::from(1 << 20),
+                        )
+                    })
+                    .collect(),
+            })
+        })
+        .collect();
+    let lag_seconds = sweep
+        .points
+        .iter()
+        .flat_map(|point| point.lag.last())
+        .map(|sample| sample.at.as_secs_f64())
+        .fold(0.0, f64::max);
+    let time_ticks: Vec<(f64, String)> = (0..=4)
+        .map(|step| {
+            let at = lag_seconds * f64::from(step) / 4.0;
+            (at, format!("{at:.2}"))
+        })
+        .collect();
     vec![
         (
             "latency-percentiles.svg",
@@ -431,6 +497,20 @@ pub fn plots(sweep: &Sweep) -> Vec<(&'static str, String)> {
                 true,
                 &size_ticks,
                 &throughput_series,
+            ),
+        ),
+        (
+            "lag-over-time.svg",
+            line_chart(
+                &format!(
+                    "Replication lag over time ({}, QD {highest_depth})",
+                    size_label(largest)
+                ),
+                "seconds into the measurement",
+                "lag (MiB not yet in the DR's ring)",
+                false,
+                &time_ticks,
+                &lag_series,
             ),
         ),
     ]
@@ -469,7 +549,7 @@ pub fn write_all(sweep: &Sweep, parameters: &str, out: &Path) -> Result<Vec<Path
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::sweep::{Baseline, Point};
+    use crate::sweep::{Baseline, LagSample, Point};
     use ordinal_proto::Mode;
     use std::time::Duration;
 
@@ -481,6 +561,19 @@ mod tests {
         histogram
     }
 
+    /// Lag samples 10 ms apart, (ops, bytes) each.
+    fn lag_of(samples: &[(u64, u64)]) -> Vec<LagSample> {
+        samples
+            .iter()
+            .enumerate()
+            .map(|(index, &(ops, bytes))| LagSample {
+                at: Duration::from_millis(10 * index as u64),
+                ops,
+                bytes,
+            })
+            .collect()
+    }
+
     fn sweep() -> Sweep {
         let point = |mode, write_bytes, queue_depth, latency: &[u64]| Point {
             mode,
@@ -490,6 +583,11 @@ mod tests {
             writes: 1000,
             failed: 0,
             elapsed: Duration::from_secs(1),
+            lag: match mode {
+                Mode::Sync => lag_of(&[(1, 65536), (1, 65536)]),
+                _ => lag_of(&[(2, 131_072), (7, 458_752), (3, 196_608)]),
+            },
+            lag_interval: Duration::from_millis(10),
         };
         Sweep {
             points: vec![
@@ -526,7 +624,24 @@ mod tests {
         assert!(json.contains("\"p50\":120.1"), "{json}");
         assert!(json.contains("\"p50_over_pingpong_p50\":2.40"), "{json}");
         // 1000 writes of 4 KiB in a second over a 2000 MB/s stream.
-        assert!(json.contains("\"mb_per_s_over_stream\":0.00"), "{json}");
+        assert!(json.contains("\"mb_per_s_over_stream\":0.00"), "{json}"); // The lag series of each point, and its largest sample.
+        assert!(
+            json.contains("\"lag\":{\"interval_ms\":10.0,\"ops_max\":7,\"bytes_max\":458752,\"series\":[[0.0,2,131072],[10.0,7,458752],[20.0,3,196608]]}"),
+            "{json}"
+        );
+    }
+
+    #[test]
+    fn the_largest_lag_is_the_worst_moment_sampled() {
+        let sweep = sweep();
+        let max = sweep.points[0].lag_max();
+        assert_eq!(
+            (max.at, max.ops, max.bytes),
+            (Duration::from_millis(10), 7, 458_752)
+        );
+        let table = table(&sweep);
+        let order_sync_row = table.lines().nth(1).unwrap();
+        assert!(order_sync_row.ends_with(" 7     0.44"), "{table}");
     }
 
     #[test]
@@ -545,18 +660,20 @@ mod tests {
     }
 
     #[test]
-    fn each_plot_has_a_line_per_mode_and_one_for_the_baseline() {
+    fn each_plot_has_a_line_per_mode_and_one_for_its_baseline() {
         let plots = plots(&sweep());
-        assert_eq!(plots.len(), 3);
+        assert_eq!(plots.len(), 4);
         for (name, svg) in plots {
             assert!(
                 svg.starts_with("<svg") && svg.ends_with("</svg>\n"),
                 "{name}"
             );
+            // The lag has no baseline: a raw TCP stream replicates nothing.
+            let lines = if name == "lag-over-time.svg" { 2 } else { 3 };
             assert_eq!(
                 svg.matches("<polyline").count(),
-                3,
-                "{name}: order-sync, sync, baseline"
+                lines,
+                "{name}: order-sync, sync and (but for the lag) the baseline"
             );
             assert!(
                 svg.contains(">order-sync<") && svg.contains(">sync<"),

@@ -51,9 +51,46 @@ pub struct Point {
     pub writes: u64,
     pub failed: u64,
     pub elapsed: Duration,
+    /// The primary's replication lag through the measured time, every `lag_interval`.
+    pub lag: Vec<LagSample>,
+    pub lag_interval: Duration,
 }
 
+/// The primary's lag at one instant: ops and bytes admitted whose payload had not reached the
+/// DR's ring yet. A failover at that instant could not recover them: the recovery point at that
+/// instant. Those already acknowledged would be listed in the loss report (in `sync` mode none
+/// is: a write is acknowledged only once its payload is at the DR).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LagSample {
+    /// Since the measured time began.
+    pub at: Duration,
+    pub ops: u64,
+    pub bytes: u64,
+}
+
+/// Samples of the lag per point at most: the interval grows with the point's time to stay under.
+pub const LAG_SAMPLES_MAX: usize = 200;
+/// The shortest sampling interval: the status the sampler reads is refreshed by the primary's
+/// loop, and finer sampling would only cost the measured writes CPU.
+const LAG_INTERVAL_MIN: Duration = Duration::from_millis(5);
+
 impl Point {
+    /// The largest lag sampled: the most a failover at the worst sampled moment would not recover.
+    pub fn lag_max(&self) -> LagSample {
+        let ops = self.lag.iter().max_by_key(|sample| sample.ops);
+        let bytes = self
+            .lag
+            .iter()
+            .map(|sample| sample.bytes)
+            .max()
+            .unwrap_or(0);
+        LagSample {
+            at: ops.map_or(Duration::ZERO, |sample| sample.at),
+            ops: ops.map_or(0, |sample| sample.ops),
+            bytes,
+        }
+    }
+
     pub fn writes_per_second(&self) -> f64 {
         self.writes as f64 / self.elapsed.as_secs_f64()
     }
@@ -190,8 +227,9 @@ pub fn run(config: &SweepConfig, progress: &mut dyn FnMut(&str)) -> Result<Sweep
             });
             let mut measured = Vec::new();
             for point in receiver.iter() {
+                let lag_max = point.lag_max();
                 progress(&format!(
-                    "{} {} B QD {}: p50 {:.1} us, p99 {:.1} us, {:.0} writes/s, {:.1} MB/s{}",
+                    "{} {} B QD {}: p50 {:.1} us, p99 {:.1} us, {:.0} writes/s, {:.1} MB/s, lag at most {} ops ({:.2} MiB){}",
                     point.mode.name(),
                     point.write_bytes,
                     point.queue_depth,
@@ -199,6 +237,8 @@ pub fn run(config: &SweepConfig, progress: &mut dyn FnMut(&str)) -> Result<Sweep
                     point.latency_ns.value_at_quantile(0.99) as f64 / 1000.0,
                     point.writes_per_second(),
                     point.megabytes_per_second(),
+                    lag_max.ops,
+                    lag_max.bytes as f64 / f64::from(1 << 20),
                     if point.failed > 0 {
                         format!(", {} FAILED", point.failed)
                     } else {
@@ -273,9 +313,35 @@ async fn measure(
             }
         }));
     }
+    let lag_interval = (time / LAG_SAMPLES_MAX as u32).max(LAG_INTERVAL_MIN);
+    let sampler = {
+        let handle = handle.clone();
+        glommio::spawn_local(async move {
+            let mut lag = Vec::with_capacity(LAG_SAMPLES_MAX);
+            let mut next = warm_until;
+            while next < deadline && lag.len() < LAG_SAMPLES_MAX {
+                glommio::timer::sleep(next.saturating_duration_since(Instant::now())).await;
+                let status = handle.status();
+                lag.push(LagSample {
+                    at: Instant::now().saturating_duration_since(warm_until),
+                    ops: status.lag_ops,
+                    bytes: status.lag_bytes,
+                });
+                // A sample taken late (the loop was busy with a large write) moves the grid on
+                // rather than taking the missed samples at once.
+                let now = Instant::now();
+                next += lag_interval;
+                while next <= now {
+                    next += lag_interval;
+                }
+            }
+            lag
+        })
+    };
     for writer in writers {
         writer.await;
     }
+    let lag = sampler.await;
     let elapsed = measured_from
         .get()
         .map_or(Duration::ZERO, |from| from.elapsed())
@@ -289,6 +355,8 @@ async fn measure(
         writes: writes.get(),
         failed: failed.get(),
         elapsed,
+        lag,
+        lag_interval,
     }
 }
 

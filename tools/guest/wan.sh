@@ -11,8 +11,9 @@
 # (each size writes at most 32 MiB, half the default ring). sync waits for the payload too, so it
 # grows with payload / bandwidth. The transport is TCP: long links are often plain TCP, and
 # netem shapes both alike. The RPO side: `ordinal status --watch` samples the primary's lag every
-# 200 ms during the run, and the largest lag seen is what a failover at the worst moment would
-# not recover (every such write is then listed in the loss report, none is lost silently).
+# 200 ms during the run; the lag series (ops and MiB, about one sample a second) is printed, and
+# the largest lag seen is what a failover at the worst moment would not recover (every such
+# write is then listed in the loss report, none is lost silently).
 #
 # The link is a delay (netem) followed by a rate-limited bottleneck (tbf) that serves a
 # strict-priority queue (prio), as a WAN router that honours DSCP would: ordinal marks its order
@@ -76,8 +77,11 @@ for mode in order-sync sync; do
       $bin status --watch --interval-ms 200 --node 10.77.0.1:7410 --psk-file $shared/psk >/tmp/lag.txt 2>&1 & w=\$!
       [ \$rc -ne 0 ] || $bin bench --nbd 127.0.0.1:10809 --sizes $sizes --writes $writes; rc=\$?
       kill \$w
-      # Columns of status --watch: acked/s, last seq, lag ops, lag MiB, ...
-      awk '\$3 ~ /^[0-9]+\$/ { if (\$3 > ops) ops = \$3; if (\$4 > mib) mib = \$4 } END { printf \"rpo: largest lag seen %d ops, %.1f MiB\\n\", ops, mib }' /tmp/lag.txt
+      # Columns of status --watch: acked/s, last seq, lag ops, lag MiB, ... One sample every
+      # 200 ms; the series prints every fifth (about one a second).
+      awk '\$3 ~ /^[0-9]+\$/ { n++; if (\$3 > ops) { ops = \$3; at = n * 0.2 }; if (\$4 > mib) mib = \$4
+             if (n % 5 == 0) printf \"rpo: at %5.1f s lag %6d ops %8.1f MiB\\n\", n * 0.2, \$3, \$4 }
+           END { printf \"rpo: largest lag seen %d ops (at %.1f s), %.1f MiB: what a failover at that moment would lose\\n\", ops, at, mib }' /tmp/lag.txt
       echo '== primary status'; $bin status --json --node 10.77.0.1:7410 --psk-file $shared/psk
       [ \$rc -eq 0 ] || tail -n 20 /tmp/primary.log
       touch $shared/done; exit \$rc" \
