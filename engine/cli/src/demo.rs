@@ -184,12 +184,18 @@ pub(crate) fn start_workload(
     });
     let sent_at: Arc<Mutex<Vec<Instant>>> = Arc::new(Mutex::new(Vec::new()));
     let (w, times) = (workload.clone(), sent_at.clone());
+    // Each reply frees a place in the queue. The sender blocks on these while the queue is full:
+    // polling on a short sleep instead cost the daemons their CPU in an emulated guest, where
+    // every timer wake-up is expensive and the queue stays full while the DR's ring is.
+    // At most a queue's worth is kept: a full channel wakes the sender as well as a longer one.
+    let (replies_tx, replies_rx) = std::sync::mpsc::sync_channel::<()>(QUEUE_DEPTH as usize);
     let sender_thread = std::thread::spawn(move || {
         let mut rng = Rng::new(seed);
         let mut k = 0u64;
         while !w.stop.load(Ordering::Relaxed) {
             if k - w.replied.load(Ordering::Acquire) >= QUEUE_DEPTH {
-                std::thread::sleep(Duration::from_micros(50));
+                // Bounded wait: `stop` is looked at again at least this often.
+                let _ = replies_rx.recv_timeout(Duration::from_millis(20));
                 continue;
             }
             k += 1;
@@ -209,6 +215,8 @@ pub(crate) fn start_workload(
         while let Ok(reply) = receiver.recv_reply() {
             let k = reply.handle;
             w.replied.fetch_add(1, Ordering::Release);
+            // Full (the sender is not waiting) or the sender is gone: the reply still counts.
+            let _ = replies_tx.try_send(());
             if reply.error == 0 && k >= 1 {
                 let latency = sent_at.lock().expect("lock")[(k - 1) as usize].elapsed();
                 w.acked.lock().expect("lock")[(k - 1) as usize] = true;

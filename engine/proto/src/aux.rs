@@ -25,12 +25,21 @@ pub fn aux_region_bytes(table_slots: u32) -> usize {
 
 /// Heartbeat timeouts a primary that just connected has to write its first heartbeat. Before
 /// its first heartbeat lands a primary holds no lease, so it acknowledges nothing, and waiting
-/// longer for it risks no write. But it may be slow to get there: it registers its memory
-/// (which pins every page of the staging ring and the send arenas) and connects to the DR on
-/// the same thread. Seen with a one-timeout grace: a primary in a soft-RoCE guest, fenced
-/// before its first heartbeat landed, after it had connected to the aux and the DR; every write
-/// of the run was then refused.
+/// longer for it risks no write. But it may be slow to get there: it registers the memory of
+/// its queue pairs (which pins every page) and connects to the DR. Seen with a one-timeout
+/// grace: a primary in a soft-RoCE guest, fenced before its first heartbeat landed, after it
+/// had connected to the aux and the DR; every write of the run was then refused.
 pub const FIRST_HEARTBEAT_GRACE_TIMEOUTS: u64 = 10;
+
+/// The part of a heartbeat timeout that one gap between two ticks counts for at most. A longer
+/// gap means the aux itself did not run (its loop stalled, or its whole machine did, as an
+/// emulated guest does under load): it did not watch the heartbeat then, and a primary stalled
+/// by the same cause could not have written one. Counting such a gap in full fenced live
+/// primaries in a soft-RoCE guest. The aux declares the primary dead only after this much
+/// silence it watched; the table is still handed over no earlier than a whole timeout after
+/// the heartbeat last changed, so the primary's lease has run out whichever way the time is
+/// counted.
+pub const TICK_GAP_COUNTED_MAX_DIVISOR: u64 = 2;
 
 #[derive(Clone, Copy, Debug)]
 pub struct AuxConfig {
@@ -47,6 +56,9 @@ pub enum AuxAction {
     RevokePrimaryAccess,
     /// Tell the DR that the primary of `epoch` is dead and the table is frozen: fail over.
     NotifyPrimaryLost { epoch: Epoch },
+    /// Worth a line in the log: the aux's own ticks were `gap_ns` apart, so that gap counted only
+    /// in part towards the primary's silence (see [`TICK_GAP_COUNTED_MAX_DIVISOR`]).
+    TicksStalled { gap_ns: Nanos },
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -62,6 +74,10 @@ pub struct Aux<R> {
     header: RegionHeader,
     last_heartbeat: Option<Heartbeat>,
     last_change_at: Nanos,
+    /// The previous tick, and the silence of the heartbeat watched since it last changed: the
+    /// time between ticks, each gap counted up to a part of the timeout.
+    last_tick_at: Option<Nanos>,
+    watched_silence_ns: Nanos,
     /// A primary connected and its heartbeat has not changed since: it gets
     /// `FIRST_HEARTBEAT_GRACE_TIMEOUTS` instead of one.
     awaiting_first_heartbeat: bool,
@@ -114,6 +130,8 @@ impl<R: AsRef<[u8]> + AsMut<[u8]>> Aux<R> {
             header,
             last_heartbeat: None,
             last_change_at: now,
+            last_tick_at: None,
+            watched_silence_ns: 0,
             awaiting_first_heartbeat: false,
             fence_cause,
             actions: Vec::new(),
@@ -168,6 +186,8 @@ impl<R: AsRef<[u8]> + AsMut<[u8]>> Aux<R> {
     pub fn handle_primary_connected(&mut self, now: Nanos) {
         if self.fence_cause.is_none() {
             self.last_change_at = self.last_change_at.max(now);
+            self.watched_silence_ns = 0;
+            self.last_tick_at = Some(now);
             self.awaiting_first_heartbeat = true;
         }
     }
@@ -177,19 +197,29 @@ impl<R: AsRef<[u8]> + AsMut<[u8]>> Aux<R> {
         if self.fence_cause.is_some() {
             return;
         }
+        // The first tick after `open` (or after a primary connected) starts the watch; until
+        // then the silence since `last_change_at` counts as watched.
+        let gap = now.saturating_sub(self.last_tick_at.unwrap_or(self.last_change_at));
+        self.last_tick_at = Some(now);
         let heartbeat = self.read_heartbeat();
         if heartbeat != self.last_heartbeat {
             self.last_heartbeat = heartbeat;
             self.last_change_at = now;
+            self.watched_silence_ns = 0;
             self.awaiting_first_heartbeat = false;
             return;
         }
+        let gap_counted_max = self.config.heartbeat_timeout_ns / TICK_GAP_COUNTED_MAX_DIVISOR;
+        if gap > gap_counted_max {
+            self.actions.push(AuxAction::TicksStalled { gap_ns: gap });
+        }
+        self.watched_silence_ns += gap.min(gap_counted_max);
         let timeout = if self.awaiting_first_heartbeat {
             self.config.heartbeat_timeout_ns * FIRST_HEARTBEAT_GRACE_TIMEOUTS
         } else {
             self.config.heartbeat_timeout_ns
         };
-        if now.saturating_sub(self.last_change_at) >= timeout {
+        if self.watched_silence_ns >= timeout {
             self.fence(FenceCause::HeartbeatLost);
             self.actions.push(AuxAction::NotifyPrimaryLost {
                 epoch: self.header.epoch,
@@ -209,6 +239,7 @@ impl<R: AsRef<[u8]> + AsMut<[u8]>> Aux<R> {
             if heartbeat != self.last_heartbeat {
                 self.last_heartbeat = heartbeat;
                 self.last_change_at = now;
+                self.watched_silence_ns = 0;
                 self.awaiting_first_heartbeat = false;
             }
             self.fence(FenceCause::Requested);
@@ -249,6 +280,13 @@ mod tests {
             .encode(&mut aux.nic_region_mut()[AUX_PRIMARY_AREA_OFFSET..]);
     }
 
+    /// Ticks at `from`, `from + step`, ... up to and including `to`.
+    fn tick_every(aux: &mut Aux<Vec<u8>>, from: Nanos, to: Nanos, step: Nanos) {
+        for now in (from..=to).step_by(step as usize) {
+            aux.handle_tick(now);
+        }
+    }
+
     #[test]
     fn a_primary_that_never_heartbeats_is_declared_dead_after_the_first_heartbeat_grace() {
         // Checks that an aux opened long before its primary connects does not declare that
@@ -256,8 +294,7 @@ mod tests {
         // when it has.
         let mut aux = aux_with_timeout_of_1000();
         aux.handle_primary_connected(10_000);
-        aux.handle_tick(11_000);
-        aux.handle_tick(19_999);
+        tick_every(&mut aux, 10_100, 19_900, 100);
         assert_eq!(aux.fenced(), None, "within the first-heartbeat grace");
         aux.handle_tick(10_000 + 1_000 * FIRST_HEARTBEAT_GRACE_TIMEOUTS);
         assert_eq!(aux.fenced(), Some(FenceCause::HeartbeatLost));
@@ -270,8 +307,7 @@ mod tests {
         let mut aux = aux_with_timeout_of_1000();
         aux.handle_primary_connected(10_000);
         write_heartbeat(&mut aux, 1);
-        aux.handle_tick(10_500);
-        aux.handle_tick(11_400);
+        tick_every(&mut aux, 10_500, 11_400, 100);
         assert_eq!(aux.fenced(), None);
         aux.handle_tick(11_500);
         assert_eq!(aux.fenced(), Some(FenceCause::HeartbeatLost));
@@ -282,10 +318,42 @@ mod tests {
         aux.handle_tick(100);
         aux.handle_primary_connected(500);
         write_heartbeat(&mut aux, 2);
-        aux.handle_tick(600);
-        aux.handle_tick(1_599);
+        tick_every(&mut aux, 600, 1_500, 100);
         assert_eq!(aux.fenced(), None);
         aux.handle_tick(1_600);
         assert_eq!(aux.fenced(), Some(FenceCause::HeartbeatLost));
+    }
+
+    #[test]
+    fn a_gap_in_the_aux_own_ticks_counts_only_half_a_timeout_of_silence() {
+        // Checks that a stall of the aux itself (its ticks 1,500 apart with a timeout of 1,000)
+        // does not fence a primary by itself, that it is reported, that the silence the aux did
+        // watch still fences, and that the table is handed over no earlier than a timeout after
+        // the heartbeat last changed.
+        let mut aux = aux_with_timeout_of_1000();
+        aux.handle_primary_connected(0);
+        write_heartbeat(&mut aux, 1);
+        tick_every(&mut aux, 100, 500, 100);
+        assert_eq!(aux.drain_actions().count(), 0);
+        aux.handle_tick(2_000);
+        assert_eq!(aux.fenced(), None, "400 watched + 500 of the stall");
+        assert_eq!(
+            aux.drain_actions().collect::<Vec<_>>(),
+            [AuxAction::TicksStalled { gap_ns: 1_500 }]
+        );
+        aux.handle_tick(2_100);
+        assert_eq!(aux.fenced(), Some(FenceCause::HeartbeatLost));
+        assert_eq!(aux.table_handover_at(), 1_100);
+
+        // A heartbeat after the stall keeps the primary alive, as it would have without one.
+        let mut aux = aux_with_timeout_of_1000();
+        aux.handle_primary_connected(0);
+        write_heartbeat(&mut aux, 1);
+        tick_every(&mut aux, 100, 400, 100);
+        aux.handle_tick(5_000);
+        assert_eq!(aux.fenced(), None, "300 watched + 500 of the stall");
+        write_heartbeat(&mut aux, 2);
+        tick_every(&mut aux, 5_100, 5_900, 100);
+        assert_eq!(aux.fenced(), None);
     }
 }

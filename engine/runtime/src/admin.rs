@@ -72,7 +72,7 @@ pub async fn accept_loop(listener: TcpListener, context: AcceptContext) {
         let stream = match listener.accept().await {
             Ok(stream) => stream,
             Err(error) => {
-                eprintln!("{}: accept failed: {error}", our_role.name());
+                crate::log!("{}: accept failed: {error}", our_role.name());
                 glommio::timer::sleep(Duration::from_millis(50)).await;
                 continue;
             }
@@ -130,7 +130,7 @@ pub async fn accept_loop(listener: TcpListener, context: AcceptContext) {
                         Ok(qp) => {
                             let _ = accepted.send(Accepted { hello, qp, regions }).await;
                         }
-                        Err(error) => eprintln!(
+                        Err(error) => crate::log!(
                             "{}: cannot connect a queue pair with {peer}: {error}",
                             our_role.name()
                         ),
@@ -138,7 +138,7 @@ pub async fn accept_loop(listener: TcpListener, context: AcceptContext) {
                 }
                 (Ok(_), None) => unreachable!("a granted connection has its region table"),
                 (Err(error), _) => {
-                    eprintln!(
+                    crate::log!(
                         "{}: refused connection from {peer}: {error}",
                         our_role.name()
                     );
@@ -279,8 +279,13 @@ impl<E> std::fmt::Debug for Senders<E> {
 const TRANSPORT_EVENTS_MAX: usize = 8192;
 const LOCAL_EVENTS_MAX: usize = 8192;
 
-/// Makes the channels of a daemon's loop and starts its ticker (`tick` apart).
-pub fn inputs<E: 'static>(tick: Duration) -> (Inputs<E>, Senders<E>) {
+/// A tick this much later than asked is logged: the executor's thread did not run for that long
+/// (a blocking call on it, or the machine stalled), which delays heartbeats and timeouts alike.
+const TICK_LATE_LOGGED: Duration = Duration::from_millis(200);
+
+/// Makes the channels of a daemon's loop and starts its ticker (`tick` apart); `role` names the
+/// daemon in the log line of a late tick.
+pub fn inputs<E: 'static>(role: &'static str, tick: Duration) -> (Inputs<E>, Senders<E>) {
     use glommio::channels::local_channel::new_bounded;
     let (transport_tx, transport_rx) = new_bounded(TRANSPORT_EVENTS_MAX);
     let (accepted_tx, accepted_rx) = new_bounded(16);
@@ -289,7 +294,15 @@ pub fn inputs<E: 'static>(tick: Duration) -> (Inputs<E>, Senders<E>) {
     let (tick_tx, tick_rx) = new_bounded(1);
     glommio::spawn_local(async move {
         loop {
+            let asked = std::time::Instant::now();
             glommio::timer::sleep(tick).await;
+            let late = asked.elapsed().saturating_sub(tick);
+            if late >= TICK_LATE_LOGGED {
+                crate::log!(
+                    "{role}: this process's loop did not run for {} ms",
+                    late.as_millis()
+                );
+            }
             // A tick already pending is as good as two.
             if let Err(glommio::GlommioError::Closed(_)) = tick_tx.try_send(()) {
                 return;
@@ -407,7 +420,7 @@ fn mark_latency_critical(stream: &TcpStream) {
             )
         };
         if result != 0 {
-            eprintln!(
+            crate::log!(
                 "cannot mark the order connection for priority queuing (option {option}): {}",
                 std::io::Error::last_os_error()
             );
@@ -449,7 +462,7 @@ where
             Ok(value) => return value,
             Err(error) => {
                 if failures % 25 == 0 {
-                    eprintln!("{what}: {error} (retrying)");
+                    crate::log!("{what}: {error} (retrying)");
                 }
                 failures += 1;
             }

@@ -161,7 +161,7 @@ pub async fn run_aux(options: AuxOptions) -> Result<(), String> {
     let listener = TcpListener::bind(options.listen)
         .map_err(|error| format!("cannot listen on {}: {error}", options.listen))?;
     let local = listener.local_addr().map_err(|error| error.to_string())?;
-    let (inputs, senders) = admin::inputs::<()>(Duration::from_millis(5));
+    let (inputs, senders) = admin::inputs::<()>("aux", Duration::from_millis(5));
     let geometry = options.geometry;
     let area_bytes = aux_primary_area_bytes(geometry.table_slots) as u64;
     let decide_node = node.clone();
@@ -237,7 +237,7 @@ pub async fn run_aux(options: AuxOptions) -> Result<(), String> {
                 let qp = match accepted.qp.start() {
                     Ok(qp) => qp,
                     Err(error) => {
-                        eprintln!("aux: cannot start a queue pair: {error}");
+                        crate::log!("aux: cannot start a queue pair: {error}");
                         continue;
                     }
                 };
@@ -248,7 +248,7 @@ pub async fn run_aux(options: AuxOptions) -> Result<(), String> {
                         node.primary_grants.push((accepted.regions, rkey, qp));
                         node.primary_connections += 1;
                         node.aux.0.borrow_mut().handle_primary_connected(now);
-                        eprintln!("aux: primary connected");
+                        crate::log!("aux: primary connected");
                     }
                     _ => {
                         if let Some(notice) = node.pending_notice.take() {
@@ -256,7 +256,7 @@ pub async fn run_aux(options: AuxOptions) -> Result<(), String> {
                         }
                         node.watchers.retain(|watcher| !watcher.is_down());
                         node.watchers.push(qp);
-                        eprintln!("aux: DR connected");
+                        crate::log!("aux: DR connected");
                     }
                 }
             }
@@ -270,7 +270,7 @@ pub async fn run_aux(options: AuxOptions) -> Result<(), String> {
                             let watcher = node.watchers.iter().find(|w| w.id() == qp).cloned();
                             (handover_at, aux.epoch(), watcher)
                         };
-                        eprintln!("aux: the DR asked to fence the primary of epoch {epoch}");
+                        crate::log!("aux: the DR asked to fence the primary of epoch {epoch}");
                         if let Some(watcher) = watcher {
                             glommio::spawn_local(async move {
                                 // The table is handed over only once the primary's lease has surely
@@ -283,12 +283,14 @@ pub async fn run_aux(options: AuxOptions) -> Result<(), String> {
                             .detach();
                         }
                     }
-                    Ok(other) => eprintln!("aux: ignoring unexpected notice {other:?} from the DR"),
-                    Err(error) => eprintln!("aux: ignoring a bad message from the DR: {error}"),
+                    Ok(other) => {
+                        crate::log!("aux: ignoring unexpected notice {other:?} from the DR")
+                    }
+                    Err(error) => crate::log!("aux: ignoring a bad message from the DR: {error}"),
                 }
             }
             Input::Transport(TransportEvent::Down { qp, reason }) => {
-                eprintln!("aux: connection {qp} closed: {reason}");
+                crate::log!("aux: connection {qp} closed: {reason}");
                 node.borrow_mut()
                     .watchers
                     .retain(|watcher| watcher.id() != qp);
@@ -327,10 +329,14 @@ fn execute_actions(node: &mut AuxNode) {
                 for (table, rkey, _) in &node.primary_grants {
                     table.revoke(*rkey);
                 }
-                eprintln!("aux: the primary's access to the status table is revoked");
+                crate::log!("aux: the primary's access to the status table is revoked");
             }
+            AuxAction::TicksStalled { gap_ns } => crate::log!(
+                "aux: this process did not run for {} ms (its ticks were that far apart); the primary's silence then counts only in part",
+                gap_ns / 1_000_000
+            ),
             AuxAction::NotifyPrimaryLost { epoch } => {
-                eprintln!("aux: the primary of epoch {epoch} stopped heartbeating; it is fenced");
+                crate::log!("aux: the primary of epoch {epoch} stopped heartbeating; it is fenced");
                 let notice = Notice::PrimaryLost { epoch };
                 node.watchers.retain(|watcher| !watcher.is_down());
                 if node.watchers.is_empty() {

@@ -131,7 +131,7 @@ pub async fn run_dr(options: DrOptions) -> Result<(), String> {
     config.applies_inflight_max = options.applies_inflight_max as u64;
     let dr = Dr::open(config, log, options.epoch, &ring.map.borrow())
         .map_err(|error| format!("DR order log {}: {error:?}", log_path.display()))?;
-    eprintln!(
+    crate::log!(
         "dr: opened at epoch {} as {:?}: held through {}, applied through {}",
         dr.epoch(),
         dr.role(),
@@ -167,7 +167,7 @@ pub async fn run_dr(options: DrOptions) -> Result<(), String> {
                 // The DR stays promoted either way; the operator can fix the address and
                 // restart it (a restarted promoted DR serves at once).
                 if let Err(error) = crate::nbd::serve(listen, export).await {
-                    eprintln!("dr: {error}");
+                    crate::log!("dr: {error}");
                 }
             })
             .detach();
@@ -183,7 +183,7 @@ pub async fn run_dr(options: DrOptions) -> Result<(), String> {
     let listener = TcpListener::bind(options.listen)
         .map_err(|error| format!("cannot listen on {}: {error}", options.listen))?;
     let local = listener.local_addr().map_err(|error| error.to_string())?;
-    let (inputs, senders) = admin::inputs::<DrEvent>(Duration::from_millis(5));
+    let (inputs, senders) = admin::inputs::<DrEvent>("dr", Duration::from_millis(5));
     let decide_node = node.clone();
     let decide: admin::Decide = Rc::new(move |hello, table| {
         let node = decide_node.borrow();
@@ -269,7 +269,7 @@ pub async fn run_dr(options: DrOptions) -> Result<(), String> {
                 let qp = match accepted.qp.start() {
                     Ok(qp) => qp,
                     Err(error) => {
-                        eprintln!("dr: cannot start a queue pair: {error}");
+                        crate::log!("dr: cannot start a queue pair: {error}");
                         continue;
                     }
                 };
@@ -283,7 +283,7 @@ pub async fn run_dr(options: DrOptions) -> Result<(), String> {
                     if let Some(old) = node.order_qp.replace(qp) {
                         old.fail("replaced by a new connection from the primary");
                     }
-                    eprintln!("dr: primary connected");
+                    crate::log!("dr: primary connected");
                     node.dr.handle_peer_connected();
                 }
             }
@@ -313,10 +313,10 @@ pub async fn run_dr(options: DrOptions) -> Result<(), String> {
                 node.aux_connecting = false;
                 match qp.start() {
                     Ok(qp) => {
-                        eprintln!("dr: connected to the aux ({})", transport.name());
+                        crate::log!("dr: connected to the aux ({})", transport.name());
                         node.aux = Some((qp, table));
                     }
-                    Err(error) => eprintln!("dr: cannot start the aux queue pair: {error}"),
+                    Err(error) => crate::log!("dr: cannot start the aux queue pair: {error}"),
                 }
             }
             Input::Admin(request) => match request.request.as_str() {
@@ -380,13 +380,13 @@ fn handle_transport(node: &mut DrNode, event: TransportEvent, auto_failover: boo
         TransportEvent::Received { qp, bytes } if is(&node.order_qp, qp) => {
             let ring = node.ring.map.borrow();
             if let Err(error) = node.dr.handle_order_batch(&bytes, &ring) {
-                eprintln!("dr: refused an order batch: {error}");
+                crate::log!("dr: refused an order batch: {error}");
             }
         }
         TransportEvent::ReceivedImm { qp, imm } if is(&node.data_qp, qp) => {
             let ring = node.ring.map.borrow();
             if let Err(error) = node.dr.handle_payload_landed(imm, &ring) {
-                eprintln!("dr: ignored a payload notice: {error}");
+                crate::log!("dr: ignored a payload notice: {error}");
             }
         }
         TransportEvent::Received { qp, bytes }
@@ -394,7 +394,7 @@ fn handle_transport(node: &mut DrNode, event: TransportEvent, auto_failover: boo
         {
             match Notice::decode(&bytes) {
                 Ok(Notice::PrimaryLost { epoch }) => {
-                    eprintln!("dr: the aux reports the primary of epoch {epoch} lost");
+                    crate::log!("dr: the aux reports the primary of epoch {epoch} lost");
                     if auto_failover {
                         start_failover(node, "the aux lost the primary's heartbeat");
                     }
@@ -406,8 +406,8 @@ fn handle_transport(node: &mut DrNode, event: TransportEvent, auto_failover: boo
                         node.failover = Failover::WaitRead;
                     }
                 }
-                Ok(other) => eprintln!("dr: ignoring aux notice {other:?}"),
-                Err(error) => eprintln!("dr: bad message from the aux: {error}"),
+                Ok(other) => crate::log!("dr: ignoring aux notice {other:?}"),
+                Err(error) => crate::log!("dr: bad message from the aux: {error}"),
             }
         }
         TransportEvent::Completion {
@@ -422,14 +422,14 @@ fn handle_transport(node: &mut DrNode, event: TransportEvent, auto_failover: boo
             match (status, data) {
                 (WorkStatus::Success, Some(area)) => finish_failover(node, Some(&area)),
                 (status, _) => {
-                    eprintln!("dr: reading the aux table failed ({status:?}); retrying");
+                    crate::log!("dr: reading the aux table failed ({status:?}); retrying");
                     node.failover = Failover::WaitApplies;
                 }
             }
         }
         TransportEvent::Down { qp, reason } => {
             if is(&node.order_qp, qp) || is(&node.data_qp, qp) {
-                eprintln!("dr: primary connection lost: {reason}");
+                crate::log!("dr: primary connection lost: {reason}");
                 if let Some(other) = node.order_qp.take() {
                     other.fail("the primary's other connection failed");
                 }
@@ -437,7 +437,7 @@ fn handle_transport(node: &mut DrNode, event: TransportEvent, auto_failover: boo
                     other.fail("the primary's other connection failed");
                 }
             } else if node.aux.as_ref().is_some_and(|(q, _)| q.id() == qp) {
-                eprintln!("dr: aux connection lost: {reason}");
+                crate::log!("dr: aux connection lost: {reason}");
             }
         }
         _ => {}
@@ -448,7 +448,7 @@ fn start_failover(node: &mut DrNode, why: &str) {
     if node.failover != Failover::Idle {
         return;
     }
-    eprintln!("dr: failing over ({why})");
+    crate::log!("dr: failing over ({why})");
     node.dr.begin_failover();
     node.failover = Failover::WaitApplies;
 }
@@ -462,7 +462,9 @@ fn advance_failover(node: &mut DrNode) {
             node.failover = Failover::WaitFence;
         }
     } else if node.without_aux {
-        eprintln!("dr: failing over without the aux: ops in flight cannot be recovered or listed");
+        crate::log!(
+            "dr: failing over without the aux: ops in flight cannot be recovered or listed"
+        );
         finish_failover(node, None);
     }
 }
@@ -472,7 +474,7 @@ fn finish_failover(node: &mut DrNode, aux_area: Option<&[u8]>) {
         let ring = node.ring.map.borrow();
         node.dr.failover(aux_area, &ring)
     };
-    eprintln!(
+    crate::log!(
         "dr: recovered through op {}: {} applied from the ring ({} of them vouched for by the aux table alone), {} lost",
         report.cut,
         report.applied_landed + report.applied_from_ring,
@@ -545,7 +547,7 @@ fn execute_actions(
                         report_path.display()
                     )
                 })?;
-                eprintln!(
+                crate::log!(
                     "dr: promoted: this node is the primary of epoch {epoch}; loss report in {}",
                     report_path.display()
                 );

@@ -25,6 +25,15 @@
 //!
 //! What this crate is not: it holds no protocol logic; the decisions are all `ordinal-proto`'s.
 
+/// A line of a daemon's log on stderr, stamped with the UTC time of day to the millisecond, so
+/// that the logs of the three roles (often three machines) can be read side by side.
+#[macro_export]
+macro_rules! log {
+    ($($arg:tt)*) => {
+        eprintln!("{} {}", $crate::log_stamp(), format_args!($($arg)*))
+    };
+}
+
 pub mod admin;
 pub mod aux;
 pub mod control;
@@ -80,13 +89,28 @@ where
             match builder.make() {
                 Ok(executor) => {
                     if let Err(error) = executor.run(body()) {
-                        eprintln!("{name}: stopped: {error}");
+                        crate::log!("{name}: stopped: {error}");
                     }
                 }
-                Err(error) => eprintln!("{name}: cannot start the io_uring executor: {error}"),
+                Err(error) => crate::log!("{name}: cannot start the io_uring executor: {error}"),
             }
         })
         .map_err(|error| format!("cannot start thread {name}: {error}"))
+}
+
+/// The wall clock's UTC time of day as `HH:MM:SS.mmm`, for [`log!`] lines.
+pub fn log_stamp() -> String {
+    let since_epoch = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    let millis_of_day = since_epoch.as_millis() % 86_400_000;
+    format!(
+        "{:02}:{:02}:{:02}.{:03}",
+        millis_of_day / 3_600_000,
+        millis_of_day / 60_000 % 60,
+        millis_of_day / 1000 % 60,
+        millis_of_day % 1000
+    )
 }
 
 /// A sending end of a glommio local channel, shared by the tasks that feed one loop.

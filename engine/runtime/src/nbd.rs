@@ -184,7 +184,7 @@ pub async fn serve(listen: SocketAddr, export: Export) -> Result<(), String> {
                 glommio::spawn_local(serve_client(stream, export.clone())).detach();
             }
             Err(error) => {
-                eprintln!("{}: NBD accept failed: {error}", export.role());
+                crate::log!("{}: NBD accept failed: {error}", export.role());
                 glommio::timer::sleep(Duration::from_millis(50)).await;
             }
         }
@@ -231,7 +231,7 @@ impl Connection {
         let _ = match result {
             Ok(()) => session.reply_ok(cookie),
             Err(why) => {
-                eprintln!("{}: NBD request failed: {why}", self.role);
+                crate::log!("{}: NBD request failed: {why}", self.role);
                 session.reply_error(cookie, NbdError::Io)
             }
         };
@@ -248,7 +248,7 @@ async fn serve_client(stream: TcpStream, export: Export) {
     let session = match ServerSession::new(export.server_config()) {
         Ok(session) => session,
         Err(error) => {
-            eprintln!("{}: {error}", export.role());
+            crate::log!("{}: {error}", export.role());
             return;
         }
     };
@@ -376,7 +376,7 @@ async fn serve_client(stream: TcpStream, export: Export) {
                         let _ = match data {
                             Ok(data) => session.reply_read(cookie, &data),
                             Err(why) => {
-                                eprintln!("{}: NBD read failed: {why}", connection.role);
+                                crate::log!("{}: NBD read failed: {why}", connection.role);
                                 session.reply_error(cookie, NbdError::Io)
                             }
                         };
@@ -404,7 +404,7 @@ async fn serve_client(stream: TcpStream, export: Export) {
                 }
                 Event::Disconnect => break 'connection,
                 Event::Error(error) => {
-                    eprintln!(
+                    crate::log!(
                         "{}: NBD client {peer} broke the protocol ({error}); closing its connection",
                         export.role()
                     );
@@ -433,7 +433,7 @@ async fn serve_client(stream: TcpStream, export: Export) {
         match reader.read(&mut buffer[filled..]).await {
             Ok(0) => break,
             Err(error) => {
-                eprintln!("{}: NBD client {peer}: {error}", export.role());
+                crate::log!("{}: NBD client {peer}: {error}", export.role());
                 break;
             }
             Ok(read) => filled += read,

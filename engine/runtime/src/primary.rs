@@ -291,7 +291,7 @@ impl PrimaryHandle {
 
 struct PrimaryNode {
     primary: Primary,
-    staging: Vec<u8>,
+    staging: memmap2::MmapMut,
     volume: Rc<Volume>,
     writes: OrderedWrites,
     /// Client writes not admitted yet, with when they arrived.
@@ -356,7 +356,7 @@ pub async fn run_primary(
     let listener = TcpListener::bind(options.listen)
         .map_err(|error| format!("cannot listen on {}: {error}", options.listen))?;
     let local_addr = listener.local_addr().map_err(|error| error.to_string())?;
-    let (inputs, senders) = admin::inputs::<PrimaryEvent>(Duration::from_millis(2));
+    let (inputs, senders) = admin::inputs::<PrimaryEvent>("primary", Duration::from_millis(2));
     let decide: admin::Decide = Rc::new(|hello, _| {
         Err(format!(
             "the primary serves no {} connections for {:?}",
@@ -383,7 +383,7 @@ pub async fn run_primary(
     ));
     let node = Rc::new(RefCell::new(PrimaryNode {
         primary: Primary::new(config),
-        staging: vec![0; geometry.ring_bytes as usize],
+        staging: crate::storage::prefaulted_memory(geometry.ring_bytes as usize)?,
         volume: volume.clone(),
         writes: OrderedWrites::new(options.local_writes_inflight_max),
         waiting: VecDeque::new(),
@@ -435,7 +435,7 @@ pub async fn run_primary(
                 match result {
                     Ok(()) => node.primary.handle_local_write_done(seq, now),
                     Err(error) => {
-                        eprintln!("primary: {error}");
+                        crate::log!("primary: {error}");
                         node.primary.handle_local_write_failed(seq);
                     }
                 }
@@ -445,11 +445,11 @@ pub async fn run_primary(
                 // A pair that cannot start leaves the DR unconnected: the next pass retries.
                 match (data.start(), order.start()) {
                     (Ok(data), Ok(order)) => {
-                        eprintln!("primary: connected to the DR ({})", transport.name());
+                        crate::log!("primary: connected to the DR ({})", transport.name());
                         node.dr = Some((order, data, ring));
                     }
                     (Err(error), _) | (_, Err(error)) => {
-                        eprintln!("primary: cannot start the DR queue pairs: {error}")
+                        crate::log!("primary: cannot start the DR queue pairs: {error}")
                     }
                 }
             }
@@ -465,11 +465,11 @@ pub async fn run_primary(
                 node.aux_connecting = false;
                 match qp.start() {
                     Ok(qp) => {
-                        eprintln!("primary: connected to the aux ({})", transport.name());
+                        crate::log!("primary: connected to the aux ({})", transport.name());
                         node.aux = Some((qp, table));
                         node.primary.handle_aux_up(now);
                     }
-                    Err(error) => eprintln!("primary: cannot start the aux queue pair: {error}"),
+                    Err(error) => crate::log!("primary: cannot start the aux queue pair: {error}"),
                 }
             }
             Input::Transport(event) => handle_transport(node, event, now),
@@ -692,7 +692,7 @@ fn handle_transport(node: &mut PrimaryNode, event: TransportEvent, now: u64) {
     match event {
         TransportEvent::Received { qp, bytes } if dr_ids.is_some_and(|(order, _)| order == qp) => {
             if let Err(error) = node.primary.handle_dr_message(&bytes, now) {
-                eprintln!("primary: bad message from the DR: {error}");
+                crate::log!("primary: bad message from the DR: {error}");
             }
             let held = node.primary.order_acked_through();
             let mut round_trips = node.order_round_trips.borrow_mut();
@@ -729,14 +729,14 @@ fn handle_transport(node: &mut PrimaryNode, event: TransportEvent, now: u64) {
         },
         TransportEvent::Down { qp, reason } => {
             if dr_ids.is_some_and(|(order, data)| order == qp || data == qp) {
-                eprintln!("primary: DR link down: {reason}");
+                crate::log!("primary: DR link down: {reason}");
                 if let Some((order, data, _)) = node.dr.take() {
                     order.fail("the DR link is down");
                     data.fail("the DR link is down");
                 }
                 node.primary.handle_dr_link_down(now);
             } else if aux_id == Some(qp) {
-                eprintln!("primary: aux link down: {reason}");
+                crate::log!("primary: aux link down: {reason}");
                 node.aux = None;
                 node.primary.handle_aux_write_failed(false, now);
             }
@@ -770,7 +770,7 @@ fn fail_on_refused_post(
         Ok(()) | Err(crate::transport::PostError::Down) => {}
         Err(refused) => {
             let reason = format!("the transport refused a {what} ({refused:?})");
-            eprintln!("primary: {reason}; failing the queue pair");
+            crate::log!("primary: {reason}; failing the queue pair");
             qp.fail(&reason);
         }
     }
@@ -851,7 +851,7 @@ fn execute_actions(node: &mut PrimaryNode, local: &Sender<PrimaryEvent>) {
                 }
             }
             PrimaryAction::Stopped(stop) => {
-                eprintln!("primary: stopped: {stop:?}; writes are refused from now on");
+                crate::log!("primary: stopped: {stop:?}; writes are refused from now on");
                 for (_, (reply, _)) in node.replies.drain() {
                     let _ = reply.try_send(WriteOutcome::Failed(format!(
                         "the primary stopped: {stop:?}"

@@ -897,7 +897,7 @@ impl VerbsQp {
             return;
         }
         if let Err(error) = self.res.borrow_mut().qp.to_error() {
-            eprintln!(
+            crate::log!(
                 "verbs qp {}: cannot move the QP to the error state ({error}); flushing its work requests without the device",
                 self.id
             );

@@ -1110,6 +1110,8 @@ impl World {
                         self.request_failover();
                     }
                 }
+                // Only logged by the runtime (the note above records it here).
+                AuxAction::TicksStalled { .. } => {}
             }
         }
     }
