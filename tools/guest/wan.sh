@@ -13,7 +13,11 @@
 # netem shapes both alike. The RPO side: `ordinal status --watch` samples the primary's lag every
 # 200 ms during the run; the lag series (ops and MiB, about one sample a second) is printed, and
 # the largest lag seen is what a failover at the worst moment would not recover (every such
-# write is then listed in the loss report, none is lost silently).
+# write is then listed in the loss report, none is lost silently). One write at a time keeps
+# the lag within a write or two, so a burst follows: --burst-writes of 1 MiB with
+# --burst-depth in flight (`ordinal bench --nbd` writes at most 32 MiB per size, half the
+# ring), sampled until the lag has drained. Where order-sync acknowledges faster than the link
+# carries the payloads its lag grows past the writes in flight; sync's cannot.
 #
 # The link is a delay (netem) followed by a rate-limited bottleneck (tbf) that serves a
 # strict-priority queue (prio), as a WAN router that honours DSCP would: ordinal marks its order
@@ -21,7 +25,7 @@
 # --fifo gives one queue for everything instead, to see what that marking is worth.
 #
 #   tools/guest/wan.sh [--delay-ms 5] [--rate 100mbit] [--sizes 4096,65536,262144,1048576]
-#                      [--writes 40] [--fifo]
+#                      [--writes 40] [--burst-writes 32] [--burst-depth 16] [--fifo]
 set -euo pipefail
 prog=wan.sh
 . "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
@@ -32,6 +36,8 @@ delay_ms=5
 rate=100mbit
 sizes=4096,65536,262144,1048576
 writes=40
+burst_writes=32
+burst_depth=16
 fifo=0
 while (($#)); do
   case "$1" in
@@ -39,6 +45,8 @@ while (($#)); do
     --rate) rate=$2; shift 2 ;;
     --sizes) sizes=$2; shift 2 ;;
     --writes) writes=$2; shift 2 ;;
+    --burst-writes) burst_writes=$2; shift 2 ;;
+    --burst-depth) burst_depth=$2; shift 2 ;;
     --fifo) fifo=1; shift ;;
     -h|--help) usage; exit 0 ;;
     *) die "unknown argument $1" ;;
@@ -58,7 +66,7 @@ else
     $tc qdisc add dev eth0 parent 1:1 handle 10: tbf rate $rate burst 64kb latency 10s
     $tc qdisc add dev eth0 parent 10:1 handle 20: prio"
 fi
-declare -A p50 rtt
+declare -A p50 rtt burst_lag burst_line
 for mode in order-sync sync; do
   rm -rf "$shared" && mkdir -p "$shared"
   head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n' >"$shared/psk"
@@ -72,16 +80,29 @@ for mode in order-sync sync; do
       n=0; until netstat -ltn | grep -q ':10809 '; do n=\$((n + 1)); [ \$n -le 300 ] || exit 3; sleep 0.1; done
       echo '== link'; ping -c 10 10.77.0.2 | tail -n 1
       # Unmeasured: connects the DR and warms both sides up.
-      $bin bench --nbd 127.0.0.1:10809 --sizes 4096 --writes 20 >/dev/null; rc=\$?
-      echo '== $mode'
-      $bin status --watch --interval-ms 200 --node 10.77.0.1:7410 --psk-file $shared/psk >/tmp/lag.txt 2>&1 & w=\$!
-      [ \$rc -ne 0 ] || $bin bench --nbd 127.0.0.1:10809 --sizes $sizes --writes $writes; rc=\$?
-      kill \$w
-      # Columns of status --watch: acked/s, last seq, lag ops, lag MiB, ... One sample every
-      # 200 ms; the series prints every fifth (about one a second).
-      awk '\$3 ~ /^[0-9]+\$/ { n++; if (\$3 > ops) { ops = \$3; at = n * 0.2 }; if (\$4 > mib) mib = \$4
-             if (n % 5 == 0) printf \"rpo: at %5.1f s lag %6d ops %8.1f MiB\\n\", n * 0.2, \$3, \$4 }
-           END { printf \"rpo: largest lag seen %d ops (at %.1f s), %.1f MiB: what a failover at that moment would lose\\n\", ops, at, mib }' /tmp/lag.txt
+      $bin bench --nbd 127.0.0.1:10809 --sizes 4096 --queue-depths 1 --writes 20 >/dev/null; rc=\$?
+      # Two phases, each with the lag sampled: one write at a time per size (the latencies
+      # above), then a burst of $burst_writes writes of 1 MiB, $burst_depth in flight, faster than
+      # the link drains them.
+      for phase in latency burst; do
+        [ \$rc -eq 0 ] || break
+        echo \"== $mode \$phase\"
+        $bin status --watch --interval-ms 200 --node 10.77.0.1:7410 --psk-file $shared/psk >/tmp/lag.txt 2>&1 & w=\$!
+        if [ \$phase = latency ]; then
+          $bin bench --nbd 127.0.0.1:10809 --sizes $sizes --queue-depths 1 --writes $writes; rc=\$?
+        else
+          $bin bench --nbd 127.0.0.1:10809 --sizes 1048576 --queue-depths $burst_depth --writes $burst_writes; rc=\$?
+          # The lag drains after the last acknowledgement too: keep sampling until it is gone.
+          n=0; until $bin status --json --node 10.77.0.1:7410 --psk-file $shared/psk | grep -q '\"lag_ops\":0,'; do
+            n=\$((n + 1)); [ \$n -le 600 ] || break; sleep 0.2; done
+        fi
+        kill \$w
+        # Columns of status --watch: acked/s, last seq, lag ops, lag MiB, ... One sample every
+        # 200 ms; the series prints every fifth (about one a second).
+        awk -v phase=\$phase '\$3 ~ /^[0-9]+\$/ { n++; if (\$3 > ops) { ops = \$3; at = n * 0.2 }; if (\$4 > mib) mib = \$4
+               if (n % 5 == 0) printf \"rpo: %s: at %5.1f s lag %6d ops %8.1f MiB\\n\", phase, n * 0.2, \$3, \$4 }
+             END { printf \"rpo: %s: largest lag seen %d ops (at %.1f s), %.1f MiB: what a failover at that moment would lose\\n\", phase, ops, at, mib }' /tmp/lag.txt
+      done
       echo '== primary status'; $bin status --json --node 10.77.0.1:7410 --psk-file $shared/psk
       [ \$rc -eq 0 ] || tail -n 20 /tmp/primary.log
       touch $shared/done; exit \$rc" \
@@ -97,6 +118,8 @@ for mode in order-sync sync; do
   fi
   # busybox ping: "round-trip min/avg/max = 10.4/10.9/11.8 ms"
   rtt[$mode]=$(printf '%s\n' "$log" | sed -n 's|^round-trip min/avg/max = [0-9.]*/\([0-9.]*\)/.*|\1|p' | tail -n 1)
+  burst_lag[$mode]=$(printf '%s\n' "$log" | sed -n 's/^rpo: burst: largest lag seen \([0-9]* ops\) (at [0-9.]* s), \([0-9.]* MiB\).*/\1, \2/p' | tail -n 1)
+  burst_line[$mode]=$(printf '%s\n' "$log" | sed -n 's/^nbd 1048576 B QD [0-9]*: \(.*\)/\1/p' | tail -n 1)
   while read -r size value; do p50[$mode,$size]=$value; done < <(
     printf '%s\n' "$log" | sed -n 's/^nbd \([0-9]*\) B QD 1: .* p50 \([0-9]*\) us.*/\1 \2/p')
   printf '%s\n' "$log" | grep -E '^(== |nbd |round-trip|rpo: |\{)' | sed "s/^/$mode: /"
@@ -115,3 +138,7 @@ for size in "${size_list[@]}"; do
     printf "%10s %13.1f ms %9.1f ms %11.2fx %19.2fx\n", size " B", os / 1000, sy / 1000, sy / os, os / 1000 / rtt }'
 done
 echo "(target: order-sync p50 for 1 MiB <= 1.2x the link round trip)"
+printf '\nburst of %s writes of 1 MiB, %s in flight:\n' "$burst_writes" "$burst_depth"
+for mode in order-sync sync; do
+  printf '%10s: %s; largest lag %s\n' "$mode" "${burst_line[$mode]:-?}" "${burst_lag[$mode]:-?}"
+done

@@ -37,8 +37,8 @@ pub struct BenchArgs {
     /// Size of the DR's staging ring in MiB (at least twice the largest size).
     #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u64).range(1..=65536))]
     pub ring_mib: u64,
-    /// Measure a running primary instead, through its NBD export at this address: one write at
-    /// a time per size (the mode is the primary's). Prints p50/p99 per size; writes no files.
+    /// Measure a running primary instead, through its NBD export at this address, per size and
+    /// queue depth (the mode is the primary's). Prints p50/p99 and MB/s; writes no files.
     #[arg(long, value_name = "ADDR")]
     pub nbd: Option<std::net::SocketAddr>,
     /// With --nbd: writes per size, fewer for large sizes so that each size writes at most
@@ -47,10 +47,12 @@ pub struct BenchArgs {
     pub writes: u64,
 }
 
-/// `--nbd`: write-ack latency of a running primary, one write at a time, per size.
+/// `--nbd`: write-ack latency and throughput of a running primary, per size and queue depth
+/// (that many writes pipelined on the one connection).
 fn against_nbd(
     addr: std::net::SocketAddr,
     sizes: &[usize],
+    queue_depths: &[usize],
     writes: u64,
 ) -> Result<ExitCode, String> {
     let error = |error: ordinal_nbd::ClientError| format!("NBD {addr}: {error}");
@@ -67,31 +69,58 @@ fn against_nbd(
                 "size {size}: a multiple of 4096, at most the volume"
             ));
         }
-        let count = writes.min((32 << 20) / size as u64).max(1);
-        let mut latencies = hdrhistogram::Histogram::<u64>::new_with_bounds(1, 600_000_000_000, 3)
-            .map_err(|error| error.to_string())?;
-        let slots = volume_bytes / size as u64;
-        for index in 0..count {
-            let data = vec![index as u8; size];
+        for &depth in queue_depths {
+            let count = writes.min((32 << 20) / size as u64).max(1);
+            let mut latencies =
+                hdrhistogram::Histogram::<u64>::new_with_bounds(1, 600_000_000_000, 3)
+                    .map_err(|error| error.to_string())?;
+            let slots = volume_bytes / size as u64;
+            // The send time of each write in flight (at most `depth`), by handle: the server
+            // may answer in any order.
+            let mut in_flight = std::collections::HashMap::with_capacity(depth);
+            let (mut sent, mut answered) = (0u64, 0u64);
             let started = std::time::Instant::now();
-            client
-                .write((index % slots) * size as u64, &data)
-                .map_err(error)?;
-            let _ = latencies.record(started.elapsed().as_micros() as u64);
+            while answered < count {
+                while sent < count && in_flight.len() < depth {
+                    let data = vec![sent as u8; size];
+                    in_flight.insert(sent, std::time::Instant::now());
+                    client
+                        .send_write(sent, (sent % slots) * size as u64, &data)
+                        .map_err(error)?;
+                    sent += 1;
+                }
+                let reply = client.recv_reply().map_err(error)?;
+                if reply.error != 0 {
+                    return Err(format!(
+                        "NBD {addr}: write {} failed with NBD error {}",
+                        reply.handle, reply.error
+                    ));
+                }
+                let at = in_flight.remove(&reply.handle).ok_or_else(|| {
+                    format!(
+                        "NBD {addr}: a reply for handle {}, which is not in flight",
+                        reply.handle
+                    )
+                })?;
+                let _ = latencies.record(at.elapsed().as_micros() as u64);
+                answered += 1;
+            }
+            let seconds = started.elapsed().as_secs_f64();
+            println!(
+                "nbd {size} B QD {depth}: {count} writes, p50 {} us, p99 {} us, max {} us, {:.1} MB/s",
+                latencies.value_at_quantile(0.5),
+                latencies.value_at_quantile(0.99),
+                latencies.max(),
+                (count * size as u64) as f64 / seconds / 1e6
+            );
         }
-        println!(
-            "nbd {size} B QD 1: {count} writes, p50 {} us, p99 {} us, max {} us",
-            latencies.value_at_quantile(0.5),
-            latencies.value_at_quantile(0.99),
-            latencies.max()
-        );
     }
     Ok(ExitCode::SUCCESS)
 }
 
 pub fn run(args: BenchArgs) -> Result<ExitCode, String> {
     if let Some(addr) = args.nbd {
-        return against_nbd(addr, &args.sizes, args.writes);
+        return against_nbd(addr, &args.sizes, &args.queue_depths, args.writes);
     }
     let modes = args
         .modes

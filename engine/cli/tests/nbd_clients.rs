@@ -729,3 +729,35 @@ fn a_client_that_pipelines_reads_and_reads_no_replies_cannot_make_the_primary_ho
         "the primary's peak resident memory grew by {grown} MiB"
     );
 }
+
+#[test]
+fn ordinal_bench_measures_a_running_primary_through_nbd_with_writes_pipelined() {
+    // Checks that `ordinal bench --nbd` writes the asked number of writes per size and queue
+    // depth through the primary's NBD export, pipelining up to the depth on one connection,
+    // and that every one of them reached the primary and was acknowledged.
+    let cluster = Cluster::start("bench-nbd");
+    let output = Command::new(env!("CARGO_BIN_EXE_ordinal"))
+        .args(["bench", "--nbd", &cluster.primary_nbd.to_string()])
+        .args([
+            "--sizes",
+            "4096,65536",
+            "--queue-depths",
+            "1,8",
+            "--writes",
+            "40",
+        ])
+        .output()
+        .unwrap();
+    let stdout = text(&output);
+    assert!(output.status.success(), "{stdout}");
+    for line in [
+        "nbd 4096 B QD 1: 40 writes",
+        "nbd 4096 B QD 8: 40 writes",
+        "nbd 65536 B QD 1: 40 writes",
+        "nbd 65536 B QD 8: 40 writes",
+    ] {
+        assert!(stdout.contains(line), "{line} missing from: {stdout}");
+    }
+    let status = cluster.status(cluster.primary_admin);
+    assert_eq!(number(&status, "acked"), 160, "{status}");
+}
