@@ -5,4 +5,5 @@
 pub mod core_loop;
 pub mod loopback;
 pub mod output;
+pub mod perftest;
 pub mod sweep;

@@ -80,7 +80,30 @@ pub fn json(sweep: &Sweep, parameters: &str) -> String {
             baseline.stream_megabytes_per_second
         );
     }
-    json.push_str("],\"points\":[");
+    json.push(']');
+    if let Some(perftest) = &sweep.perftest {
+        let _ = write!(
+            json,
+            ",\"perftest\":{{\"device\":\"{}\",\"order_message_bytes\":{},\"ib_send_lat_us\":{{\"typical\":{:.2},\"p99\":{:.2}}},\"sizes\":[",
+            perftest.device,
+            crate::perftest::ORDER_MESSAGE_BYTES,
+            perftest.order_send_lat.typical_us,
+            perftest.order_send_lat.p99_us
+        );
+        for (index, size) in perftest.sizes.iter().enumerate() {
+            let _ = write!(
+                json,
+                "{}{{\"write_bytes\":{},\"ib_write_lat_us\":{{\"typical\":{:.2},\"p99\":{:.2}}},\"ib_write_bw_mb_per_s\":{:.1}}}",
+                if index > 0 { "," } else { "" },
+                size.write_bytes,
+                size.write_lat.typical_us,
+                size.write_lat.p99_us,
+                size.write_bw_mb_per_s
+            );
+        }
+        json.push_str("]}");
+    }
+    json.push_str(",\"points\":[");
     for (index, point) in sweep.points.iter().enumerate() {
         let baseline = sweep.baseline(point.write_bytes);
         let latency_ratio = baseline.map_or(0.0, |baseline| {
@@ -107,6 +130,20 @@ pub fn json(sweep: &Sweep, parameters: &str) -> String {
             stream_ratio,
             lag_json(point)
         );
+        if let Some(size) = sweep
+            .perftest
+            .as_ref()
+            .and_then(|perftest| perftest.of_size(point.write_bytes))
+        {
+            // Inside the point's object: its ratios to perftest's figures of the same size.
+            json.pop();
+            let _ = write!(
+                json,
+                ",\"p50_over_2x_ib_write_lat\":{:.2},\"mb_per_s_over_ib_write_bw\":{:.2}}}",
+                us(point.latency_ns.value_at_quantile(0.5)) / (2.0 * size.write_lat.typical_us),
+                point.megabytes_per_second() / size.write_bw_mb_per_s.max(1e-9)
+            );
+        }
     }
     json.push_str("]}\n");
     json
@@ -156,6 +193,49 @@ pub fn table(sweep: &Sweep) -> String {
             lag_max.bytes as f64 / f64::from(1 << 20),
             if point.failed > 0 { format!("  {} FAILED", point.failed) } else { String::new() }
         );
+    }
+    if let Some(perftest) = &sweep.perftest {
+        let _ = writeln!(
+            table,
+            "\nperftest on {} in the same run: ib_send_lat {} B (the order message) typical {:.2} us, so {:.1} us a round trip",
+            perftest.device,
+            crate::perftest::ORDER_MESSAGE_BYTES,
+            perftest.order_send_lat.typical_us,
+            2.0 * perftest.order_send_lat.typical_us
+        );
+        let _ = writeln!(
+            table,
+            "{:<11} {:>8} {:>4} {:>10} {:>18} {:>7} {:>9} {:>16} {:>7}",
+            "mode",
+            "bytes",
+            "QD",
+            "p50 us",
+            "2x ib_write_lat us",
+            "ratio",
+            "MB/s",
+            "ib_write_bw MB/s",
+            "ratio"
+        );
+        for point in &sweep.points {
+            let Some(size) = perftest.of_size(point.write_bytes) else {
+                continue;
+            };
+            let p50 = us(point.latency_ns.value_at_quantile(0.5));
+            let round_trip = 2.0 * size.write_lat.typical_us;
+            let _ = writeln!(
+                table,
+                "{:<11} {:>8} {:>4} {:>10.1} {:>18.1} {:>6.2}x {:>9.1} {:>16.1} {:>6.2}x",
+                point.mode.name(),
+                point.write_bytes,
+                point.queue_depth,
+                p50,
+                round_trip,
+                p50 / round_trip.max(1e-9),
+                point.megabytes_per_second(),
+                size.write_bw_mb_per_s,
+                point.megabytes_per_second() / size.write_bw_mb_per_s.max(1e-9)
+            );
+        }
     }
     table
 }
@@ -608,6 +688,7 @@ mod tests {
                     stream_megabytes_per_second: 1500.0,
                 },
             ],
+            perftest: None,
         }
     }
 
@@ -629,6 +710,50 @@ mod tests {
             json.contains("\"lag\":{\"interval_ms\":10.0,\"ops_max\":7,\"bytes_max\":458752,\"series\":[[0.0,2,131072],[10.0,7,458752],[20.0,3,196608]]}"),
             "{json}"
         );
+    }
+
+    #[test]
+    fn a_verbs_run_lists_perftest_and_each_point_ratio_to_it() {
+        let mut sweep = sweep();
+        sweep.perftest = Some(crate::sweep::PerftestFigures {
+            device: "rxe0".into(),
+            order_send_lat: crate::perftest::LatencyRow {
+                typical_us: 12.0,
+                p99_us: 40.0,
+            },
+            sizes: vec![crate::perftest::PerftestBaseline {
+                write_bytes: 4096,
+                write_lat: crate::perftest::LatencyRow {
+                    typical_us: 20.0,
+                    p99_us: 50.0,
+                },
+                write_bw_mb_per_s: 40.0,
+            }],
+        });
+        let json = json(&sweep, "{}");
+        assert!(
+            json.contains("\"perftest\":{\"device\":\"rxe0\",\"order_message_bytes\":80,\"ib_send_lat_us\":{\"typical\":12.00,\"p99\":40.00}"),
+            "{json}"
+        );
+        // order-sync 4 KiB: p50 120 us over 2 x 20 us; 1000 writes of 4 KiB a second over 40 MB/s.
+        assert!(
+            json.contains("\"p50_over_2x_ib_write_lat\":3.00,\"mb_per_s_over_ib_write_bw\":0.10}"),
+            "{json}"
+        );
+        // Only the sizes perftest measured get the ratios: two points of 4 KiB.
+        assert_eq!(
+            json.matches("p50_over_2x_ib_write_lat").count(),
+            2,
+            "{json}"
+        );
+        let table = table(&sweep);
+        assert!(
+            table.contains(
+                "ib_send_lat 80 B (the order message) typical 12.00 us, so 24.0 us a round trip"
+            ),
+            "{table}"
+        );
+        assert_eq!(table.matches(" 40.0   3.00x").count(), 1, "{table}");
     }
 
     #[test]

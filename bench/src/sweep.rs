@@ -38,6 +38,8 @@ pub struct SweepConfig {
     /// The primary's knobs and the staging ring, for every point.
     pub tuning: ordinal_runtime::primary::Tuning,
     pub ring_bytes: u64,
+    /// Over verbs: perftest's figures on the same device as further baselines.
+    pub perftest: Option<crate::perftest::PerftestConfig>,
 }
 
 /// One measured point.
@@ -110,10 +112,28 @@ pub struct Baseline {
     pub stream_megabytes_per_second: f64,
 }
 
+/// perftest's figures on the device of a verbs run.
+#[derive(Debug)]
+pub struct PerftestFigures {
+    pub device: String,
+    /// `ib_send_lat` of the order message (half a round trip).
+    pub order_send_lat: crate::perftest::LatencyRow,
+    pub sizes: Vec<crate::perftest::PerftestBaseline>,
+}
+
+impl PerftestFigures {
+    pub fn of_size(&self, write_bytes: usize) -> Option<&crate::perftest::PerftestBaseline> {
+        self.sizes
+            .iter()
+            .find(|size| size.write_bytes == write_bytes)
+    }
+}
+
 #[derive(Debug)]
 pub struct Sweep {
     pub points: Vec<Point>,
     pub baselines: Vec<Baseline>,
+    pub perftest: Option<PerftestFigures>,
 }
 
 impl Sweep {
@@ -180,6 +200,32 @@ pub fn run(config: &SweepConfig, progress: &mut dyn FnMut(&str)) -> Result<Sweep
             stream_megabytes_per_second,
         });
     }
+    let perftest = match &config.perftest {
+        None => None,
+        Some(perftest) => {
+            let order_send_lat = crate::perftest::order_send_latency(perftest)?;
+            progress(&format!(
+                "perftest on {}: ib_send_lat {} B typical {:.2} us (half a round trip)",
+                perftest.device,
+                crate::perftest::ORDER_MESSAGE_BYTES,
+                order_send_lat.typical_us
+            ));
+            let mut sizes = Vec::new();
+            for &write_bytes in &config.sizes {
+                let baseline = crate::perftest::baseline(perftest, write_bytes)?;
+                progress(&format!(
+                    "perftest on {}: {write_bytes} B ib_write_lat typical {:.2} us, ib_write_bw {:.1} MB/s",
+                    perftest.device, baseline.write_lat.typical_us, baseline.write_bw_mb_per_s
+                ));
+                sizes.push(baseline);
+            }
+            Some(PerftestFigures {
+                device: perftest.device.clone(),
+                order_send_lat,
+                sizes,
+            })
+        }
+    };
     let mut points = Vec::new();
     for &mode in &config.modes {
         let system = LoopbackConfig {
@@ -255,7 +301,11 @@ pub fn run(config: &SweepConfig, progress: &mut dyn FnMut(&str)) -> Result<Sweep
         let _ = std::fs::remove_dir_all(&system.dir);
         points.extend(measured);
     }
-    Ok(Sweep { points, baselines })
+    Ok(Sweep {
+        points,
+        baselines,
+        perftest,
+    })
 }
 
 /// `queue_depth` writers, each one write at a time, for a tenth of `time` unmeasured and then

@@ -34,6 +34,13 @@ pub struct BenchArgs {
     pub link: crate::node::TransportArgs,
     #[command(flatten)]
     pub tuning: crate::node::TuningArgs,
+    /// With --transport verbs: also run perftest (ib_send_lat, ib_write_lat, ib_write_bw, from
+    /// the perftest package) on the same device and GID, and print each point next to it.
+    #[arg(long)]
+    pub perftest: bool,
+    /// Iterations of each perftest test.
+    #[arg(long, default_value_t = 2000, value_parser = clap::value_parser!(u32).range(10..=10_000_000))]
+    pub perftest_iterations: u32,
     /// Size of the DR's staging ring in MiB (at least twice the largest size).
     #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u64).range(1..=65536))]
     pub ring_mib: u64,
@@ -131,6 +138,18 @@ pub fn run(args: BenchArgs) -> Result<ExitCode, String> {
         })
         .collect::<Result<Vec<_>, _>>()?;
     let transport = args.link.choice()?;
+    let perftest = match (&transport, args.perftest) {
+        (_, false) => None,
+        (ordinal_runtime::link::TransportChoice::Verbs { device, .. }, true) => {
+            let domain = ordinal_runtime::verbs::VerbsDomain::open(device)?;
+            Some(ordinal_bench::perftest::PerftestConfig {
+                device: device.clone(),
+                gid_index: domain.gid_index(),
+                iterations: args.perftest_iterations,
+            })
+        }
+        (_, true) => return Err("--perftest needs --transport verbs".into()),
+    };
     let config = sweep::SweepConfig {
         dir: args.dir.clone(),
         transport,
@@ -140,6 +159,7 @@ pub fn run(args: BenchArgs) -> Result<ExitCode, String> {
         point_time: Duration::from_millis(args.point_ms),
         tuning: args.tuning.tuning()?,
         ring_bytes: args.ring_mib << 20,
+        perftest,
     };
     sweep::validate(&config)?;
     std::fs::create_dir_all(&args.out)

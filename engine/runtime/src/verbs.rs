@@ -281,6 +281,11 @@ impl VerbsDomain {
         self.gid
     }
 
+    /// The index of [`gid`](Self::gid) in the port's GID table (perftest's `-x`).
+    pub fn gid_index(&self) -> u8 {
+        self.gid_index
+    }
+
     pub fn mtu(&self) -> Mtu {
         self.mtu
     }
