@@ -84,7 +84,7 @@ pub fn json(sweep: &Sweep, parameters: &str) -> String {
     if let Some(perftest) = &sweep.perftest {
         let _ = write!(
             json,
-            ",\"perftest\":{{\"device\":\"{}\",\"order_message_bytes\":{},\"ib_send_lat_us\":{{\"typical\":{:.2},\"p99\":{:.2}}},\"sizes\":[",
+            ",\"perftest\":{{\"device\":{:?},\"order_message_bytes\":{},\"ib_send_lat_us\":{{\"typical\":{:.2},\"p99\":{:.2}}},\"sizes\":[",
             perftest.device,
             crate::perftest::ORDER_MESSAGE_BYTES,
             perftest.order_send_lat.typical_us,

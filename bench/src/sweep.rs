@@ -22,6 +22,9 @@ use ordinal_runtime::primary::{PrimaryHandle, WriteOutcome};
 use crate::loopback::LoopbackConfig;
 use crate::loopback::{executor_thread, histogram, offset_of, pingpong_sized, with_system, Side};
 
+/// The most writes a point keeps in flight.
+pub const QUEUE_DEPTH_MAX: usize = 256;
+
 /// Bytes of the answer in the ping-pong baseline: about an acknowledgement.
 pub const ACK_BYTES: usize = 16;
 
@@ -161,9 +164,9 @@ pub fn validate(config: &SweepConfig) -> Result<(), String> {
     if let Some(depth) = config
         .queue_depths
         .iter()
-        .find(|&&depth| !(1..=256).contains(&depth))
+        .find(|&&depth| !(1..=QUEUE_DEPTH_MAX).contains(&depth))
     {
-        return Err(format!("queue depth {depth}: from 1 to 256"));
+        return Err(format!("queue depth {depth}: from 1 to {QUEUE_DEPTH_MAX}"));
     }
     if config.point_time < Duration::from_millis(100) {
         return Err("each point needs at least 100 ms".into());

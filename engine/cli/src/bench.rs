@@ -62,6 +62,14 @@ fn against_nbd(
     queue_depths: &[usize],
     writes: u64,
 ) -> Result<ExitCode, String> {
+    // Checked before connecting: a depth of 0 would wait for replies to writes never sent.
+    let depth_max = sweep::QUEUE_DEPTH_MAX;
+    if let Some(depth) = queue_depths
+        .iter()
+        .find(|&&depth| !(1..=depth_max).contains(&depth))
+    {
+        return Err(format!("queue depth {depth}: from 1 to {depth_max}"));
+    }
     let error = |error: ordinal_nbd::ClientError| format!("NBD {addr}: {error}");
     let mut client = ordinal_nbd::Client::connect(
         addr,

@@ -51,6 +51,10 @@ fn bad_arguments_are_refused_clearly() {
     let (code, _, stderr) = ordinal(&["sim", "--trace"]);
     assert_eq!(code, 2);
     assert!(stderr.contains("--seed"), "{stderr}");
+    // Refused before connecting: a depth of 0 would wait for replies to writes never sent.
+    let (code, _, stderr) = ordinal(&["bench", "--nbd", "127.0.0.1:9", "--queue-depths", "0"]);
+    assert_ne!(code, 0);
+    assert!(stderr.contains("queue depth 0: from 1 to 256"), "{stderr}");
     let (code, stdout, _) = ordinal(&["--help"]);
     assert_eq!(code, 0);
     assert!(stdout.contains("sim"), "{stdout}");
