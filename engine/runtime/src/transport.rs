@@ -60,6 +60,20 @@ pub const SEND_QUEUE_DEPTH: usize = 4096;
 /// a WAN TCP link a few seconds covers retransmissions without hiding a dead peer for long.
 pub const TRANSPORT_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// How long the ACK of a peer's SEND may wait for a frame of ours to ride on. A peer's one-sided
+/// WRITE or READ is acknowledged at once (its protocol waits on those completions: payloads in
+/// sync mode, status entries, heartbeats), but no role waits on the completion of a SEND: its
+/// answer, if any, is a message of the protocol. Over loopback a send(2) costs both processes
+/// the receive path of the other socket, so at one write in flight an ACK sent on its own was a
+/// syscall on the critical path of every write (the primary acknowledging the DR's answer to an
+/// order batch just before the next batch goes out on the same connection). Like TCP's delayed
+/// ACK, but short: a millisecond is far below `TRANSPORT_TIMEOUT` and bounds how long a peer's
+/// send queue holds completed SENDs.
+const DELAYED_ACK: Duration = Duration::from_millis(1);
+/// Peer SENDs left unacknowledged at most, whatever the time: a burst of the peer's messages is
+/// acknowledged at once past this.
+const DELAYED_ACK_SENDS_MAX: u64 = 64;
+
 /// What a peer needs to access one of our regions remotely.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct RegionDescriptor {
@@ -458,6 +472,10 @@ struct QpState {
     posted: RefCell<VecDeque<PostedRequest>>,
     /// Requests of the peer we processed (for cumulative ACKs).
     processed: Cell<u64>,
+    /// `processed` as of the last ACK or NAK we sent: an ACK is owed while it is lower.
+    processed_acked: Cell<u64>,
+    /// A delayed-ACK timer is pending.
+    delayed_ack_armed: Cell<bool>,
     /// Requests of ours that completed (matched against the peer's cumulative ACKs).
     completed: Cell<u64>,
     /// The socket, to shut it down when the pair fails (which ends a pending read).
@@ -666,6 +684,8 @@ impl TcpPair {
             wake_writer,
             posted: RefCell::new(VecDeque::new()),
             processed: Cell::new(0),
+            processed_acked: Cell::new(0),
+            delayed_ack_armed: Cell::new(false),
             completed: Cell::new(0),
             fd: std::os::fd::AsRawFd::as_raw_fd(&stream),
             down: Cell::new(false),
@@ -832,6 +852,10 @@ async fn writer_task(
             continue;
         }
         std::mem::swap(&mut *state.out.borrow_mut(), &mut spare);
+        // An owed ACK rides on whatever goes out anyway.
+        if state.ack_owed() {
+            encode_ack(&state, &mut spare);
+        }
         let result = writer.write_all(&spare).await;
         spare.clear();
         if let Err(error) = result {
@@ -865,7 +889,7 @@ async fn reader_task(state: Rc<QpState>, mut reader: futures_lite::io::ReadHalf<
         filled += read;
         state.last_heard.set(std::time::Instant::now());
         let mut at = 0usize;
-        let mut handled_requests = false;
+        let mut handled = Handled::Answer;
         let outcome = loop {
             if filled - at < FRAME_HEADER_BYTES {
                 break Ok(());
@@ -880,7 +904,7 @@ async fn reader_task(state: Rc<QpState>, mut reader: futures_lite::io::ReadHalf<
             }
             let payload = &buffer[at + FRAME_HEADER_BYTES..frame_end];
             match handle_frame(&state, header, payload).await {
-                Ok(is_request) => handled_requests |= is_request,
+                Ok(this) => handled = handled.max(this),
                 Err(error) => break Err(error),
             }
             at = frame_end;
@@ -890,35 +914,74 @@ async fn reader_task(state: Rc<QpState>, mut reader: futures_lite::io::ReadHalf<
         }
         buffer.copy_within(at..filled, 0);
         filled -= at;
-        if handled_requests && !state.down.get() {
+        if handled == Handled::PeerOneSided && !state.down.get() {
             // One cumulative ACK per burst, as a NIC coalesces its ACKs. Let the role's loop
-            // run first: what it answers (an order's acknowledgement) is queued before the
-            // writer runs, and the ACK travels in the same send instead of costing the peer a
-            // wake-up of its own.
+            // run first: what it answers is queued before the writer runs, and the ACK travels
+            // in the same send instead of costing the peer a wake-up of its own.
             futures_lite::future::yield_now().await;
-            let mut out = state.out.borrow_mut();
-            FrameHeader {
-                kind: FrameKind::Ack,
-                payload_len: 0,
-                imm: 0,
-                value: state.processed.get(),
-                rkey: 0,
-                aux: 0,
-            }
-            .encode(&mut out);
-            drop(out);
+            encode_ack(&state, &mut state.out.borrow_mut());
             let _ = state.wake_writer.try_send(());
+        } else if handled == Handled::PeerSend && !state.down.get() {
+            if state.processed.get() - state.processed_acked.get() >= DELAYED_ACK_SENDS_MAX {
+                encode_ack(&state, &mut state.out.borrow_mut());
+                let _ = state.wake_writer.try_send(());
+            } else {
+                arm_delayed_ack(&state);
+            }
         }
     };
     fail_pair(&state, &reason);
 }
 
-/// Handles one frame; returns whether it was a request of the peer (which needs an ACK).
+/// What a frame was, as far as acknowledging it goes; ordered by urgency.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+enum Handled {
+    /// An answer of the peer to a request of ours: nothing to acknowledge.
+    Answer,
+    /// A SEND of the peer: acknowledged with our next frame or after `DELAYED_ACK`.
+    PeerSend,
+    /// A one-sided request of the peer: acknowledged at once.
+    PeerOneSided,
+}
+
+/// Appends a cumulative ACK of every request of the peer processed so far.
+fn encode_ack(state: &QpState, out: &mut Vec<u8>) {
+    FrameHeader {
+        kind: FrameKind::Ack,
+        payload_len: 0,
+        imm: 0,
+        value: state.processed.get(),
+        rkey: 0,
+        aux: 0,
+    }
+    .encode(out);
+    state.processed_acked.set(state.processed.get());
+}
+
+/// Makes sure an owed ACK goes out within `DELAYED_ACK` even if we send nothing else.
+fn arm_delayed_ack(state: &Rc<QpState>) {
+    if state.delayed_ack_armed.replace(true) {
+        return;
+    }
+    let state = Rc::downgrade(state);
+    glommio::spawn_local(async move {
+        glommio::timer::sleep(DELAYED_ACK).await;
+        let Some(state) = state.upgrade() else { return };
+        state.delayed_ack_armed.set(false);
+        if state.ack_owed() && !state.down.get() {
+            encode_ack(&state, &mut state.out.borrow_mut());
+            let _ = state.wake_writer.try_send(());
+        }
+    })
+    .detach();
+}
+
+/// Handles one frame; says whether (and how soon) it needs an ACK.
 async fn handle_frame(
     state: &Rc<QpState>,
     header: FrameHeader,
     payload: &[u8],
-) -> Result<bool, String> {
+) -> Result<Handled, String> {
     match header.kind {
         FrameKind::Send => {
             state.processed.set(state.processed.get() + 1);
@@ -930,7 +993,7 @@ async fn handle_frame(
                 })
                 .await
                 .map_err(|_| String::from("role stopped"))?;
-            Ok(true)
+            Ok(Handled::PeerSend)
         }
         FrameKind::Write | FrameKind::WriteWithImm => {
             let placed = state.regions.access(
@@ -955,7 +1018,7 @@ async fn handle_frame(
                     .await
                     .map_err(|_| String::from("role stopped"))?;
             }
-            Ok(true)
+            Ok(Handled::PeerOneSided)
         }
         FrameKind::Read => {
             if header.payload_len != 0 {
@@ -994,7 +1057,7 @@ async fn handle_frame(
             drop(out);
             state.processed.set(state.processed.get() + 1);
             let _ = state.wake_writer.try_send(());
-            Ok(true)
+            Ok(Handled::PeerOneSided)
         }
         FrameKind::ReadResponse => {
             let request = state.posted.borrow_mut().pop_front();
@@ -1004,7 +1067,7 @@ async fn handle_frame(
                         && payload.len() == request.read_len as usize =>
                 {
                     complete(state, request, WorkStatus::Success, Some(payload.to_vec())).await?;
-                    Ok(false)
+                    Ok(Handled::Answer)
                 }
                 _ => Err("READ response without a READ of that length outstanding".into()),
             }
@@ -1027,7 +1090,7 @@ async fn handle_frame(
                 }
                 newly -= 1;
             }
-            Ok(false)
+            Ok(Handled::Answer)
         }
         FrameKind::Nak => {
             let completed_before = state.completed_total();
@@ -1058,6 +1121,11 @@ impl QpState {
     /// Requests of ours completed so far.
     fn completed_total(&self) -> u64 {
         self.completed.get()
+    }
+
+    /// Some request of the peer was processed and not yet acknowledged.
+    fn ack_owed(&self) -> bool {
+        self.processed.get() > self.processed_acked.get()
     }
 }
 
@@ -1093,6 +1161,7 @@ fn nak(state: &QpState, status: u32) {
         aux: status,
     }
     .encode(&mut out);
+    state.processed_acked.set(state.processed.get());
     drop(out);
     let _ = state.wake_writer.try_send(());
 }
@@ -1112,5 +1181,160 @@ async fn watchdog_task(state: std::rc::Weak<QpState>) {
             );
             return;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Two TCP queue pairs connected over loopback on this executor, with their event channels.
+    async fn connected_pairs() -> (
+        (QueuePair, LocalReceiver<TransportEvent>),
+        (QueuePair, LocalReceiver<TransportEvent>),
+    ) {
+        let listener = glommio::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let addr = listener.local_addr().expect("address");
+        let (connected, accepted) =
+            futures_lite::future::zip(TcpStream::connect(addr), async { listener.accept().await })
+                .await;
+        let pair = |stream: TcpStream| {
+            let (events, received) = local_channel::new_bounded(1024);
+            (
+                QueuePair::start(stream, RegionTable::new(), Rc::new(events)),
+                received,
+            )
+        };
+        (
+            pair(connected.expect("connect")),
+            pair(accepted.expect("accept")),
+        )
+    }
+
+    fn run<F, Fut>(test: F)
+    where
+        F: FnOnce() -> Fut + Send + 'static,
+        Fut: std::future::Future<Output = ()> + 'static,
+    {
+        glommio::LocalExecutorBuilder::default()
+            .spawn(test)
+            .expect("executor")
+            .join()
+            .expect("test body");
+    }
+
+    async fn next_completion(events: &LocalReceiver<TransportEvent>) -> (u64, WorkStatus) {
+        loop {
+            match events.recv().await.expect("events") {
+                TransportEvent::Completion { wr_id, status, .. } => return (wr_id, status),
+                TransportEvent::Down { reason, .. } => panic!("pair went down: {reason}"),
+                _ => {}
+            }
+        }
+    }
+
+    #[test]
+    fn a_send_nobody_answers_completes_through_the_delayed_ack() {
+        // The receiver sends nothing back, so the ACK cannot ride on a frame of its own: the
+        // delayed-ACK timer must send it, or the sender's work request would stay outstanding
+        // until the transport timeout failed the pair.
+        run(|| async {
+            let ((sender, sender_events), (receiver, receiver_events)) = connected_pairs().await;
+            sender.post_send(7, b"order batch").expect("post");
+            match receiver_events.recv().await.expect("events") {
+                TransportEvent::Received { bytes, .. } => assert_eq!(bytes, b"order batch"),
+                other => panic!("expected the message, got {other:?}"),
+            }
+            assert_eq!(
+                next_completion(&sender_events).await,
+                (7, WorkStatus::Success)
+            );
+            assert_eq!(sender.outstanding(), 0);
+            drop(receiver);
+        });
+    }
+
+    #[test]
+    fn a_burst_of_sends_is_acknowledged_in_full() {
+        // More SENDs than may wait for a delayed ACK, then a few more: every one completes, in
+        // order, and nothing stays outstanding.
+        run(|| async {
+            let ((sender, sender_events), (_receiver, receiver_events)) = connected_pairs().await;
+            let sends = 3 * DELAYED_ACK_SENDS_MAX + 5;
+            for wr_id in 0..sends {
+                sender.post_send(wr_id, &wr_id.to_le_bytes()).expect("post");
+            }
+            for wr_id in 0..sends {
+                match receiver_events.recv().await.expect("events") {
+                    TransportEvent::Received { bytes, .. } => {
+                        assert_eq!(bytes, wr_id.to_le_bytes())
+                    }
+                    other => panic!("expected message {wr_id}, got {other:?}"),
+                }
+            }
+            for wr_id in 0..sends {
+                assert_eq!(
+                    next_completion(&sender_events).await,
+                    (wr_id, WorkStatus::Success)
+                );
+            }
+            assert_eq!(sender.outstanding(), 0);
+        });
+    }
+
+    #[test]
+    fn an_answer_carries_the_ack_of_the_message_it_answers() {
+        // Request and answer: both sides' SENDs complete, the answerer's through the requester's
+        // delayed ACK, the requester's through the ACK riding on the answer or its timer.
+        run(|| async {
+            let ((requester, requester_events), (answerer, answerer_events)) =
+                connected_pairs().await;
+            // The answerer's answers complete while it waits for the next question: the ACK rides
+            // on the question.
+            let mut answers_completed = 0;
+            for round in 0..20u64 {
+                requester.post_send(round, b"question").expect("post");
+                loop {
+                    match answerer_events.recv().await.expect("events") {
+                        TransportEvent::Received { bytes, .. } => {
+                            assert_eq!(bytes, b"question");
+                            break;
+                        }
+                        TransportEvent::Completion { wr_id, status, .. } => {
+                            assert_eq!((wr_id, status), (answers_completed, WorkStatus::Success));
+                            answers_completed += 1;
+                        }
+                        other => panic!("expected the question, got {other:?}"),
+                    }
+                }
+                answerer.post_send(round, b"answer").expect("post");
+                let mut answered = false;
+                let mut completed = false;
+                while !(answered && completed) {
+                    match requester_events.recv().await.expect("events") {
+                        TransportEvent::Received { bytes, .. } => {
+                            assert_eq!(bytes, b"answer");
+                            answered = true;
+                        }
+                        TransportEvent::Completion { wr_id, status, .. } => {
+                            assert_eq!((wr_id, status), (round, WorkStatus::Success));
+                            completed = true;
+                        }
+                        other => panic!("unexpected {other:?}"),
+                    }
+                }
+            }
+            assert_eq!(requester.outstanding(), 0);
+            // The last answers (at least the last one) are acknowledged by the requester's timer.
+            assert!(answers_completed < 20);
+            while answers_completed < 20 {
+                assert_eq!(
+                    next_completion(&answerer_events).await,
+                    (answers_completed, WorkStatus::Success)
+                );
+                answers_completed += 1;
+            }
+            assert_eq!(answerer.outstanding(), 0);
+        });
     }
 }
