@@ -208,70 +208,149 @@ pub fn pingpong(message_bytes: usize, rounds: u64) -> Result<Histogram<u64>, Str
 }
 
 /// A raw TCP ping-pong of `request_bytes` out and `reply_bytes` back (a write and its
-/// acknowledgement), between two executors on two threads.
+/// acknowledgement), between two executors on two threads: `rounds` unmeasured, then `rounds`
+/// measured.
 pub fn pingpong_sized(
     request_bytes: usize,
     reply_bytes: usize,
     rounds: u64,
 ) -> Result<Histogram<u64>, String> {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").map_err(|error| error.to_string())?;
-    let addr = listener.local_addr().map_err(|error| error.to_string())?;
-    drop(listener);
-    let (bound_tx, bound_rx) = mpsc::channel();
-    let server = executor_thread("pingpong-server", Side::Far, move || async move {
-        let listener = glommio::net::TcpListener::bind(addr).map_err(|error| error.to_string())?;
-        let _ = bound_tx.send(());
-        let mut stream = listener.accept().await.map_err(|error| error.to_string())?;
-        stream
-            .set_nodelay(true)
-            .map_err(|error| error.to_string())?;
-        let mut request = vec![0u8; request_bytes];
-        let reply = vec![0xa5u8; reply_bytes];
-        while stream.read_exact(&mut request).await.is_ok() {
+    let pair = PingPong::start(request_bytes, reply_bytes)?;
+    pair.run(PingPongRun::Rounds(rounds))?;
+    pair.run(PingPongRun::Rounds(rounds))
+}
+
+/// How long one request of a [`PingPong`] runs.
+#[derive(Clone, Copy, Debug)]
+pub enum PingPongRun {
+    Rounds(u64),
+    For(Duration),
+}
+
+/// A connected ping-pong pair (server and client, each an executor on its own thread, pinned as
+/// the system's executors are) that measures on request and idles in between, so that its
+/// rounds can be taken in slices between a point's writes: both then see the same machine. On
+/// a shared machine the neighbours' load moves a ping-pong's p50 by a third from one second to
+/// the next (76 to 111 us over loopback, seen in six runs one after another), which a baseline
+/// measured once before the points turns into noise in every ratio.
+pub struct PingPong {
+    /// `None` once dropped: the client then closes the connection and both threads end.
+    requests: std::sync::Mutex<Option<mpsc::Sender<PingPongRun>>>,
+    results: std::sync::Mutex<mpsc::Receiver<Result<Histogram<u64>, String>>>,
+    threads: std::sync::Mutex<Vec<std::thread::JoinHandle<()>>>,
+}
+
+impl std::fmt::Debug for PingPong {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("PingPong")
+    }
+}
+
+/// Longest a single ping-pong request may take before the pair is given up.
+const PINGPONG_RUN_MAX: Duration = Duration::from_secs(600);
+
+impl PingPong {
+    pub fn start(request_bytes: usize, reply_bytes: usize) -> Result<PingPong, String> {
+        let listener =
+            std::net::TcpListener::bind("127.0.0.1:0").map_err(|error| error.to_string())?;
+        let addr = listener.local_addr().map_err(|error| error.to_string())?;
+        drop(listener);
+        let (bound_tx, bound_rx) = mpsc::channel();
+        let server = executor_thread("pingpong-server", Side::Far, move || async move {
+            let listener =
+                glommio::net::TcpListener::bind(addr).map_err(|error| error.to_string())?;
+            let _ = bound_tx.send(());
+            let mut stream = listener.accept().await.map_err(|error| error.to_string())?;
             stream
-                .write_all(&reply)
-                .await
+                .set_nodelay(true)
                 .map_err(|error| error.to_string())?;
-        }
-        Ok(())
-    })?;
-    bound_rx
-        .recv_timeout(Duration::from_secs(10))
-        .map_err(|_| "ping-pong server did not start".to_string())?;
-    let (result_tx, result_rx) = mpsc::channel();
-    let client = executor_thread("pingpong-client", Side::Near, move || async move {
-        let mut stream = glommio::net::TcpStream::connect(addr)
-            .await
-            .map_err(|error| error.to_string())?;
-        stream
-            .set_nodelay(true)
-            .map_err(|error| error.to_string())?;
-        let request = vec![0x5au8; request_bytes];
-        let mut reply = vec![0u8; reply_bytes];
-        let mut latencies = histogram();
-        for round in 0..2 * rounds {
-            let started = Instant::now();
-            stream
-                .write_all(&request)
-                .await
-                .map_err(|error| error.to_string())?;
-            stream
-                .read_exact(&mut reply)
-                .await
-                .map_err(|error| error.to_string())?;
-            if round >= rounds {
-                latencies.record(started.elapsed().as_nanos() as u64).ok();
+            let mut request = vec![0u8; request_bytes];
+            let reply = vec![0xa5u8; reply_bytes];
+            while stream.read_exact(&mut request).await.is_ok() {
+                stream
+                    .write_all(&reply)
+                    .await
+                    .map_err(|error| error.to_string())?;
             }
+            Ok(())
+        })?;
+        bound_rx
+            .recv_timeout(Duration::from_secs(10))
+            .map_err(|_| "ping-pong server did not start".to_string())?;
+        let (requests_tx, requests_rx) = mpsc::channel::<PingPongRun>();
+        let (results_tx, results_rx) = mpsc::channel();
+        let client = executor_thread("pingpong-client", Side::Near, move || async move {
+            let mut stream = glommio::net::TcpStream::connect(addr)
+                .await
+                .map_err(|error| error.to_string())?;
+            stream
+                .set_nodelay(true)
+                .map_err(|error| error.to_string())?;
+            let request = vec![0x5au8; request_bytes];
+            let mut reply = vec![0u8; reply_bytes];
+            // Waiting for the next request blocks this executor's thread, which runs nothing
+            // else: between requests the pair is idle, as it must be while the system measures.
+            while let Ok(run) = requests_rx.recv() {
+                let mut latencies = histogram();
+                let began = Instant::now();
+                let mut rounds = 0u64;
+                let result = loop {
+                    let done = match run {
+                        PingPongRun::Rounds(wanted) => rounds >= wanted,
+                        PingPongRun::For(time) => began.elapsed() >= time,
+                    };
+                    if done {
+                        break Ok(latencies);
+                    }
+                    let started = Instant::now();
+                    if let Err(error) = stream.write_all(&request).await {
+                        break Err(error.to_string());
+                    }
+                    if let Err(error) = stream.read_exact(&mut reply).await {
+                        break Err(error.to_string());
+                    }
+                    latencies.record(started.elapsed().as_nanos() as u64).ok();
+                    rounds += 1;
+                };
+                let failed = result.is_err();
+                let _ = results_tx.send(result);
+                if failed {
+                    break;
+                }
+            }
+            Ok(())
+        })?;
+        Ok(PingPong {
+            requests: std::sync::Mutex::new(Some(requests_tx)),
+            results: std::sync::Mutex::new(results_rx),
+            threads: std::sync::Mutex::new(vec![client, server]),
+        })
+    }
+
+    /// Runs the ping-pong as asked and returns its round trips (blocks the calling thread).
+    pub fn run(&self, run: PingPongRun) -> Result<Histogram<u64>, String> {
+        let requests = self.requests.lock().expect("not poisoned");
+        let sender = requests.as_ref().ok_or("the ping-pong pair is closed")?;
+        sender
+            .send(run)
+            .map_err(|_| "the ping-pong client stopped".to_string())?;
+        drop(requests);
+        self.results
+            .lock()
+            .expect("not poisoned")
+            .recv_timeout(PINGPONG_RUN_MAX)
+            .map_err(|_| "ping-pong did not finish".to_string())?
+    }
+}
+
+impl Drop for PingPong {
+    fn drop(&mut self) {
+        // Closing the request channel ends the client, whose closed connection ends the server.
+        self.requests.lock().expect("not poisoned").take();
+        for thread in self.threads.lock().expect("not poisoned").drain(..) {
+            let _ = thread.join();
         }
-        let _ = result_tx.send(latencies);
-        Ok(())
-    })?;
-    let latencies = result_rx
-        .recv_timeout(Duration::from_secs(600))
-        .map_err(|_| "ping-pong did not finish".to_string())?;
-    let _ = client.join();
-    let _ = server.join();
-    Ok(latencies)
+    }
 }
 
 /// Makes a volume of zeroes, written out rather than sparse: on tmpfs the first write to a page

@@ -106,9 +106,9 @@ pub fn json(sweep: &Sweep, parameters: &str) -> String {
     json.push_str(",\"points\":[");
     for (index, point) in sweep.points.iter().enumerate() {
         let baseline = sweep.baseline(point.write_bytes);
-        let latency_ratio = baseline.map_or(0.0, |baseline| {
+        let latency_ratio = sweep.pingpong_of(point).map_or(0.0, |pingpong| {
             point.latency_ns.value_at_quantile(0.5) as f64
-                / baseline.pingpong_ns.value_at_quantile(0.5).max(1) as f64
+                / pingpong.value_at_quantile(0.5).max(1) as f64
         });
         let stream_ratio = baseline.map_or(0.0, |baseline| {
             point.megabytes_per_second() / baseline.stream_megabytes_per_second.max(1e-9)
@@ -130,6 +130,15 @@ pub fn json(sweep: &Sweep, parameters: &str) -> String {
             stream_ratio,
             lag_json(point)
         );
+        if let Some(pingpong) = &point.pingpong_ns {
+            // Inside the point's object: the ping-pong measured between its writes.
+            json.pop();
+            let _ = write!(
+                json,
+                ",\"pingpong_interleaved_us\":{}}}",
+                summary_json(pingpong)
+            );
+        }
         if let Some(size) = sweep
             .perftest
             .as_ref()
@@ -170,7 +179,9 @@ pub fn table(sweep: &Sweep) -> String {
     );
     for point in &sweep.points {
         let baseline = sweep.baseline(point.write_bytes);
-        let pingpong = baseline.map_or(0.0, |b| us(b.pingpong_ns.value_at_quantile(0.5)));
+        let pingpong = sweep
+            .pingpong_of(point)
+            .map_or(0.0, |pingpong| us(pingpong.value_at_quantile(0.5)));
         let stream = baseline.map_or(0.0, |b| b.stream_megabytes_per_second);
         let p50 = us(point.latency_ns.value_at_quantile(0.5));
         let lag_max = point.lag_max();
@@ -660,6 +671,7 @@ mod tests {
             write_bytes,
             queue_depth,
             latency_ns: histogram_of(latency),
+            pingpong_ns: None,
             writes: 1000,
             failed: 0,
             elapsed: Duration::from_secs(1),
@@ -704,11 +716,35 @@ mod tests {
         // (120 us to 3 significant digits)
         assert!(json.contains("\"p50\":120.1"), "{json}");
         assert!(json.contains("\"p50_over_pingpong_p50\":2.40"), "{json}");
+        assert!(!json.contains("pingpong_interleaved_us"), "{json}");
         // 1000 writes of 4 KiB in a second over a 2000 MB/s stream.
         assert!(json.contains("\"mb_per_s_over_stream\":0.00"), "{json}"); // The lag series of each point, and its largest sample.
         assert!(
             json.contains("\"lag\":{\"interval_ms\":10.0,\"ops_max\":7,\"bytes_max\":458752,\"series\":[[0.0,2,131072],[10.0,7,458752],[20.0,3,196608]]}"),
             "{json}"
+        );
+    }
+
+    #[test]
+    fn a_point_with_its_own_pingpong_is_compared_with_that_one() {
+        // The ping-pong measured between the point's writes (80 us, 80.1 in the histogram)
+        // replaces the size's baseline (50 us) for that point only.
+        let mut sweep = sweep();
+        sweep.points[0].pingpong_ns = Some(histogram_of(&[80, 80, 80]));
+        let json = json(&sweep, "{}");
+        assert!(json.contains("\"p50_over_pingpong_p50\":1.50"), "{json}");
+        assert!(
+            json.contains("\"pingpong_interleaved_us\":{\"count\":3,\"p50\":80.1"),
+            "{json}"
+        );
+        assert_eq!(json.matches("pingpong_interleaved_us").count(), 1, "{json}");
+        // The other 4 KiB point keeps the baseline: 160 / 50.
+        assert!(json.contains("\"p50_over_pingpong_p50\":3.20"), "{json}");
+        let table = table(&sweep);
+        let first = table.lines().nth(1).expect("a row");
+        assert!(
+            first.contains(" 80.1 ") && first.contains("1.50x"),
+            "{table}"
         );
     }
 

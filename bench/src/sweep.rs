@@ -20,7 +20,9 @@ use ordinal_runtime::link::TransportChoice;
 use ordinal_runtime::primary::{PrimaryHandle, WriteOutcome};
 
 use crate::loopback::LoopbackConfig;
-use crate::loopback::{executor_thread, histogram, offset_of, pingpong_sized, with_system, Side};
+use crate::loopback::{
+    executor_thread, histogram, offset_of, pingpong_sized, with_system, PingPong, PingPongRun, Side,
+};
 
 /// The most writes a point keeps in flight.
 pub const QUEUE_DEPTH_MAX: usize = 256;
@@ -53,6 +55,9 @@ pub struct Point {
     pub queue_depth: usize,
     /// Write-ack latency of every acknowledged write, nanoseconds.
     pub latency_ns: Histogram<u64>,
+    /// At queue depth 1: the raw TCP ping-pong of the size, measured in slices between this
+    /// point's writes (`INTERLEAVED_SLICES`), the baseline its latency ratio is taken against.
+    pub pingpong_ns: Option<Histogram<u64>>,
     pub writes: u64,
     pub failed: u64,
     pub elapsed: Duration,
@@ -145,7 +150,21 @@ impl Sweep {
             .iter()
             .find(|baseline| baseline.write_bytes == write_bytes)
     }
+
+    /// The ping-pong a point's latency is compared with: the one measured between its own
+    /// writes where there is one (queue depth 1), else its size's baseline.
+    pub fn pingpong_of<'a>(&'a self, point: &'a Point) -> Option<&'a Histogram<u64>> {
+        point.pingpong_ns.as_ref().or_else(|| {
+            self.baseline(point.write_bytes)
+                .map(|baseline| &baseline.pingpong_ns)
+        })
+    }
 }
+
+/// A point at queue depth 1 is measured in this many slices, each followed by a slice of
+/// ping-pong as long: the latency target is a ratio of the two p50s, so both are taken on the
+/// same machine at the same minutes.
+pub const INTERLEAVED_SLICES: u32 = 10;
 
 /// Refuses what the loopback system cannot run.
 pub fn validate(config: &SweepConfig) -> Result<(), String> {
@@ -229,6 +248,13 @@ pub fn run(config: &SweepConfig, progress: &mut dyn FnMut(&str)) -> Result<Sweep
             })
         }
     };
+    let mut pingpongs = Vec::new();
+    if config.queue_depths.contains(&1) {
+        for &write_bytes in &config.sizes {
+            let pair = PingPong::start(write_bytes, ACK_BYTES)?;
+            pingpongs.push((write_bytes, std::sync::Arc::new(pair)));
+        }
+    }
     let mut points = Vec::new();
     for &mode in &config.modes {
         let system = LoopbackConfig {
@@ -252,6 +278,7 @@ pub fn run(config: &SweepConfig, progress: &mut dyn FnMut(&str)) -> Result<Sweep
             .flat_map(|&size| config.queue_depths.iter().map(move |&depth| (size, depth)))
             .collect();
         let point_time = config.point_time;
+        let pingpongs = pingpongs.clone();
         let (sender, receiver) = std::sync::mpsc::channel();
         let measured = std::thread::scope(|scope| {
             let worker = scope.spawn(|| {
@@ -266,9 +293,21 @@ pub fn run(config: &SweepConfig, progress: &mut dyn FnMut(&str)) -> Result<Sweep
                         glommio::timer::sleep(Duration::from_millis(10)).await;
                     }
                     for (write_bytes, queue_depth) in plan {
-                        let point =
-                            measure(&handle, mode, write_bytes, queue_depth, point_time).await;
-                        if sender.send(point).is_err() {
+                        let pingpong = pingpongs
+                            .iter()
+                            .find(|(size, _)| *size == write_bytes && queue_depth == 1)
+                            .map(|(_, pair)| pair.clone());
+                        let point = measure(
+                            &handle,
+                            mode,
+                            write_bytes,
+                            queue_depth,
+                            point_time,
+                            pingpong,
+                        )
+                        .await;
+                        let failed = point.is_err();
+                        if sender.send(point).is_err() || failed {
                             break;
                         }
                     }
@@ -276,6 +315,7 @@ pub fn run(config: &SweepConfig, progress: &mut dyn FnMut(&str)) -> Result<Sweep
             });
             let mut measured = Vec::new();
             for point in receiver.iter() {
+                let point = point?;
                 let lag_max = point.lag_max();
                 progress(&format!(
                     "{} {} B QD {}: p50 {:.1} us, p99 {:.1} us, {:.0} writes/s, {:.1} MB/s, lag at most {} ops ({:.2} MiB){}",
@@ -312,19 +352,29 @@ pub fn run(config: &SweepConfig, progress: &mut dyn FnMut(&str)) -> Result<Sweep
 }
 
 /// `queue_depth` writers, each one write at a time, for a tenth of `time` unmeasured and then
-/// `time` measured.
+/// `time` measured. With `pingpong` (queue depth 1 only), the measured time is cut into
+/// `INTERLEAVED_SLICES` slices with as long a slice of ping-pong after each; the writes' time
+/// excludes those pauses.
 async fn measure(
     handle: &PrimaryHandle,
     mode: Mode,
     write_bytes: usize,
     queue_depth: usize,
     time: Duration,
-) -> Point {
+    pingpong: Option<std::sync::Arc<PingPong>>,
+) -> Result<Point, String> {
+    assert!(
+        pingpong.is_none() || queue_depth == 1,
+        "one writer pauses for the ping-pong"
+    );
     let latencies = Rc::new(RefCell::new(histogram()));
     let (writes, failed) = (Rc::new(Cell::new(0u64)), Rc::new(Cell::new(0u64)));
     let warm_until = Instant::now() + time / 10;
     let measured_from = Rc::new(Cell::new(None::<Instant>));
-    let deadline = warm_until + time;
+    // Pauses for the ping-pong push the end on.
+    let deadline = Rc::new(Cell::new(warm_until + time));
+    let paused = Rc::new(Cell::new(Duration::ZERO));
+    let pingpong_ns = Rc::new(RefCell::new(None::<Result<Histogram<u64>, String>>));
     let mut writers = Vec::new();
     for writer in 0..queue_depth as u64 {
         let (handle, latencies, writes, failed) = (
@@ -334,12 +384,42 @@ async fn measure(
             failed.clone(),
         );
         let measured_from = measured_from.clone();
+        let (deadline, paused, pingpong, pingpong_ns) = (
+            deadline.clone(),
+            paused.clone(),
+            pingpong.clone(),
+            pingpong_ns.clone(),
+        );
         writers.push(glommio::spawn_local(async move {
             let mut index = writer << 40;
+            let slice = time / INTERLEAVED_SLICES;
+            let mut next_pause = warm_until + slice;
             loop {
                 let began = Instant::now();
-                if began >= deadline {
+                if began >= deadline.get() {
                     break;
+                }
+                if let Some(pair) = pingpong.as_ref().filter(|_| began >= next_pause) {
+                    let pair = pair.clone();
+                    // The pair's client blocks its caller, so it is driven from glommio's
+                    // blocking thread while this executor (the primary's) idles.
+                    let slice_of_pingpong = glommio::executor()
+                        .spawn_blocking(move || pair.run(PingPongRun::For(slice)))
+                        .await;
+                    let mut merged = pingpong_ns.borrow_mut();
+                    *merged = Some(match (merged.take(), slice_of_pingpong) {
+                        (_, Err(error)) | (Some(Err(error)), _) => Err(error),
+                        (None, Ok(slice)) => Ok(slice),
+                        (Some(Ok(mut sum)), Ok(slice)) => sum
+                            .add(slice)
+                            .map(|()| sum)
+                            .map_err(|error| format!("ping-pong histogram: {error}")),
+                    });
+                    let pause = began.elapsed();
+                    paused.set(paused.get() + pause);
+                    deadline.set(deadline.get() + pause);
+                    next_pause = Instant::now() + slice;
+                    continue;
                 }
                 let outcome = handle
                     .write(
@@ -369,10 +449,11 @@ async fn measure(
     let lag_interval = (time / LAG_SAMPLES_MAX as u32).max(LAG_INTERVAL_MIN);
     let sampler = {
         let handle = handle.clone();
+        let deadline = deadline.clone();
         glommio::spawn_local(async move {
             let mut lag = Vec::with_capacity(LAG_SAMPLES_MAX);
             let mut next = warm_until;
-            while next < deadline && lag.len() < LAG_SAMPLES_MAX {
+            while next < deadline.get() && lag.len() < LAG_SAMPLES_MAX {
                 glommio::timer::sleep(next.saturating_duration_since(Instant::now())).await;
                 let status = handle.status();
                 lag.push(LagSample {
@@ -397,20 +478,30 @@ async fn measure(
     let lag = sampler.await;
     let elapsed = measured_from
         .get()
-        .map_or(Duration::ZERO, |from| from.elapsed())
+        .map_or(Duration::ZERO, |from| {
+            from.elapsed().saturating_sub(paused.get())
+        })
         .max(Duration::from_millis(1));
     let latency_ns = latencies.borrow().clone();
-    Point {
+    let pingpong_ns = pingpong_ns.take().transpose()?;
+    if pingpong.is_some() && pingpong_ns.is_none() {
+        return Err(format!(
+            "{} {write_bytes} B QD 1: the point ended before its first ping-pong slice",
+            mode.name()
+        ));
+    }
+    Ok(Point {
         mode,
         write_bytes,
         queue_depth,
         latency_ns,
+        pingpong_ns,
         writes: writes.get(),
         failed: failed.get(),
         elapsed,
         lag,
         lag_interval,
-    }
+    })
 }
 
 /// A one-way TCP stream of `message_bytes` messages for `time`; megabytes per second received.
