@@ -3,7 +3,7 @@
 //! random faults), then checks the failover report and, through the checker, I1-I6.
 
 use ordinal_proto::dr::LossReason;
-use ordinal_proto::primary::PrimaryStop;
+use ordinal_proto::primary::{PrimaryStop, AUX_GROUPS_INFLIGHT_MAX};
 use ordinal_proto::wire::PrimaryStatus;
 use ordinal_proto::{Mode, Seq};
 use ordinal_sim::{Params, Path, World};
@@ -230,6 +230,55 @@ fn async_mode_reports_an_acked_op_the_dr_never_heard_of() {
             .collect::<Vec<_>>(),
         vec![(2, 2 * 4096, LossReason::OrderNotAtDr)]
     );
+    assert_invariants_hold(&world);
+}
+
+/// Status-table writes are pipelined: while earlier groups of entries are unanswered, each new
+/// op's "queued" entry still goes to the aux (async mode acknowledges on it), up to
+/// `AUX_GROUPS_INFLIGHT_MAX` groups; an entry a group in flight holds is not rewritten (op 2
+/// becomes "replicated" on the aux only after its "queued" write is answered).
+#[test]
+fn status_entries_go_out_while_earlier_ones_are_unanswered_up_to_the_limit() {
+    let mut world = world(Mode::Async);
+    write(&mut world, 1);
+    world.run_for(10 * MS);
+    assert!(acked(&world, 1));
+    world.hold(Path::AuxCompletion);
+    let last = 2 + AUX_GROUPS_INFLIGHT_MAX as u8;
+    assert!(
+        AUX_GROUPS_INFLIGHT_MAX >= 2,
+        "with one group there is no pipelining to check"
+    );
+    for n in 2..=last {
+        write(&mut world, n);
+        world.run_for(MS / 10);
+    }
+    for n in 2..last {
+        assert_eq!(
+            aux_status(&world, u64::from(n)),
+            Some(PrimaryStatus::Queued),
+            "op {n}'s entry is on the aux though no earlier group was answered"
+        );
+        assert!(!acked(&world, u64::from(n)), "its own write is unanswered");
+    }
+    assert_eq!(
+        aux_status(&world, u64::from(last)),
+        None,
+        "no more than {AUX_GROUPS_INFLIGHT_MAX} groups in flight"
+    );
+    world.release(Path::AuxCompletion);
+    world.run_for(10 * MS);
+    for n in 2..=last {
+        assert!(acked(&world, u64::from(n)));
+        assert_eq!(
+            aux_status(&world, u64::from(n)),
+            Some(PrimaryStatus::Replicated)
+        );
+    }
+    world.crash_primary();
+    let report = world.fail_over();
+    assert_eq!(report.cut, u64::from(last));
+    assert!(report.lost.is_empty(), "{report:?}");
     assert_invariants_hold(&world);
 }
 
