@@ -115,7 +115,7 @@ pub fn json(sweep: &Sweep, parameters: &str) -> String {
         });
         let _ = write!(
             json,
-            "{}{{\"mode\":\"{}\",\"write_bytes\":{},\"queue_depth\":{},\"writes\":{},\"failed\":{},\"seconds\":{:.3},\"writes_per_s\":{:.0},\"mb_per_s\":{:.1},\"latency_us\":{},\"p50_over_pingpong_p50\":{:.2},\"mb_per_s_over_stream\":{:.2},\"lag\":{}}}",
+            "{}{{\"mode\":\"{}\",\"write_bytes\":{},\"queue_depth\":{},\"writes\":{},\"failed\":{},\"seconds\":{:.3},\"writes_per_s\":{:.0},\"mb_per_s\":{:.1},\"latency_us\":{},\"order_round_trip_us\":{},\"p50_over_pingpong_p50\":{:.2},\"mb_per_s_over_stream\":{:.2},\"lag\":{}}}",
             if index > 0 { "," } else { "" },
             point.mode.name(),
             point.write_bytes,
@@ -126,6 +126,7 @@ pub fn json(sweep: &Sweep, parameters: &str) -> String {
             point.writes_per_second(),
             point.megabytes_per_second(),
             summary_json(&point.latency_ns),
+            summary_json(&point.order_round_trip_ns),
             latency_ratio,
             stream_ratio,
             lag_json(point)
@@ -139,18 +140,20 @@ pub fn json(sweep: &Sweep, parameters: &str) -> String {
                 summary_json(pingpong)
             );
         }
-        if let Some(size) = sweep
-            .perftest
-            .as_ref()
-            .and_then(|perftest| perftest.of_size(point.write_bytes))
+        let perftest = sweep.perftest.as_ref();
+        if let Some((perftest, size)) =
+            perftest.and_then(|perftest| Some((perftest, perftest.of_size(point.write_bytes)?)))
         {
-            // Inside the point's object: its ratios to perftest's figures of the same size.
+            // Inside the point's object: its ratios to perftest's figures of the same size, and
+            // its order round trip's to a round trip of `ib_send_lat`.
             json.pop();
             let _ = write!(
                 json,
-                ",\"p50_over_2x_ib_write_lat\":{:.2},\"mb_per_s_over_ib_write_bw\":{:.2}}}",
+                ",\"p50_over_2x_ib_write_lat\":{:.2},\"mb_per_s_over_ib_write_bw\":{:.2},\"order_round_trip_p50_over_2x_ib_send_lat\":{:.2}}}",
                 us(point.latency_ns.value_at_quantile(0.5)) / (2.0 * size.write_lat.typical_us),
-                point.megabytes_per_second() / size.write_bw_mb_per_s.max(1e-9)
+                point.megabytes_per_second() / size.write_bw_mb_per_s.max(1e-9),
+                us(point.order_round_trip_ns.value_at_quantile(0.5))
+                    / (2.0 * perftest.order_send_lat.typical_us)
             );
         }
     }
@@ -216,7 +219,7 @@ pub fn table(sweep: &Sweep) -> String {
         );
         let _ = writeln!(
             table,
-            "{:<11} {:>8} {:>4} {:>10} {:>18} {:>7} {:>9} {:>16} {:>7}",
+            "{:<11} {:>8} {:>4} {:>10} {:>18} {:>7} {:>9} {:>16} {:>7} {:>14} {:>7}",
             "mode",
             "bytes",
             "QD",
@@ -225,8 +228,11 @@ pub fn table(sweep: &Sweep) -> String {
             "ratio",
             "MB/s",
             "ib_write_bw MB/s",
+            "ratio",
+            "order RT p50 us",
             "ratio"
         );
+        let send_round_trip = 2.0 * perftest.order_send_lat.typical_us;
         for point in &sweep.points {
             let Some(size) = perftest.of_size(point.write_bytes) else {
                 continue;
@@ -235,7 +241,7 @@ pub fn table(sweep: &Sweep) -> String {
             let round_trip = 2.0 * size.write_lat.typical_us;
             let _ = writeln!(
                 table,
-                "{:<11} {:>8} {:>4} {:>10.1} {:>18.1} {:>6.2}x {:>9.1} {:>16.1} {:>6.2}x",
+                "{:<11} {:>8} {:>4} {:>10.1} {:>18.1} {:>6.2}x {:>9.1} {:>16.1} {:>6.2}x {:>14.1} {:>6.2}x",
                 point.mode.name(),
                 point.write_bytes,
                 point.queue_depth,
@@ -244,7 +250,9 @@ pub fn table(sweep: &Sweep) -> String {
                 p50 / round_trip.max(1e-9),
                 point.megabytes_per_second(),
                 size.write_bw_mb_per_s,
-                point.megabytes_per_second() / size.write_bw_mb_per_s.max(1e-9)
+                point.megabytes_per_second() / size.write_bw_mb_per_s.max(1e-9),
+                us(point.order_round_trip_ns.value_at_quantile(0.5)),
+                us(point.order_round_trip_ns.value_at_quantile(0.5)) / send_round_trip.max(1e-9)
             );
         }
     }
@@ -671,6 +679,7 @@ mod tests {
             write_bytes,
             queue_depth,
             latency_ns: histogram_of(latency),
+            order_round_trip_ns: histogram_of(&[60, 60, 72]),
             pingpong_ns: None,
             writes: 1000,
             failed: 0,
@@ -772,8 +781,9 @@ mod tests {
             "{json}"
         );
         // order-sync 4 KiB: p50 120 us over 2 x 20 us; 1000 writes of 4 KiB a second over 40 MB/s.
+        // Its order round trip, p50 60 us, over 2 x ib_send_lat's 12 us.
         assert!(
-            json.contains("\"p50_over_2x_ib_write_lat\":3.00,\"mb_per_s_over_ib_write_bw\":0.10}"),
+            json.contains("\"p50_over_2x_ib_write_lat\":3.00,\"mb_per_s_over_ib_write_bw\":0.10,\"order_round_trip_p50_over_2x_ib_send_lat\":2.50}"),
             "{json}"
         );
         // Only the sizes perftest measured get the ratios: two points of 4 KiB.
@@ -790,6 +800,7 @@ mod tests {
             "{table}"
         );
         assert_eq!(table.matches(" 40.0   3.00x").count(), 1, "{table}");
+        assert_eq!(table.matches(" 60.0   2.50x").count(), 2, "{table}");
     }
 
     #[test]

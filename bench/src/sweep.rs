@@ -55,6 +55,9 @@ pub struct Point {
     pub queue_depth: usize,
     /// Write-ack latency of every acknowledged write, nanoseconds.
     pub latency_ns: Histogram<u64>,
+    /// The primary's order round trips (an order batch posted to the DR's answer) during the
+    /// measured time: the part of a write's latency that perftest's `ib_send_lat` bounds.
+    pub order_round_trip_ns: Histogram<u64>,
     /// At queue depth 1: the raw TCP ping-pong of the size, measured in slices between this
     /// point's writes (`INTERLEAVED_SLICES`), the baseline its latency ratio is taken against.
     pub pingpong_ns: Option<Histogram<u64>>,
@@ -375,6 +378,15 @@ async fn measure(
     let deadline = Rc::new(Cell::new(warm_until + time));
     let paused = Rc::new(Cell::new(Duration::ZERO));
     let pingpong_ns = Rc::new(RefCell::new(None::<Result<Histogram<u64>, String>>));
+    // The primary's order round trips are cumulative: taken when the measured time starts and
+    // subtracted at the end.
+    let order_round_trips_before = {
+        let handle = handle.clone();
+        glommio::spawn_local(async move {
+            glommio::timer::sleep(warm_until.saturating_duration_since(Instant::now())).await;
+            handle.order_round_trips_ns()
+        })
+    };
     let mut writers = Vec::new();
     for writer in 0..queue_depth as u64 {
         let (handle, latencies, writes, failed) = (
@@ -483,6 +495,10 @@ async fn measure(
         })
         .max(Duration::from_millis(1));
     let latency_ns = latencies.borrow().clone();
+    let mut order_round_trip_ns = handle.order_round_trips_ns();
+    order_round_trip_ns
+        .subtract(order_round_trips_before.await)
+        .map_err(|error| format!("order round trips: {error}"))?;
     let pingpong_ns = pingpong_ns.take().transpose()?;
     if pingpong.is_some() && pingpong_ns.is_none() {
         return Err(format!(
@@ -495,6 +511,7 @@ async fn measure(
         write_bytes,
         queue_depth,
         latency_ns,
+        order_round_trip_ns,
         pingpong_ns,
         writes: writes.get(),
         failed: failed.get(),

@@ -9,7 +9,10 @@
 #     then 2 more with the DR's applies held back, so that the failover applies payloads from
 #     the staging ring (the patent's recovery path over RDMA);
 #   - then ORDINAL_GUEST_CRASHES (3) machine crashes with one guest per role (tools/guest/crash.sh);
-#   - perftest's ib_send_lat and ib_write_bw on the same device, as the reference figures.
+#   - perftest's ib_send_lat and ib_write_bw on the same device, as the reference figures;
+#   - `ordinal bench --transport verbs --perftest`: ordinal's write-ack latency, order round trip
+#     and throughput next to perftest's figures of the same sizes, measured in the same run
+#     (printed, not checked: the ratios are benchmark figures).
 #
 #   tools/guest/suite.sh            (tools/test.sh runs it; exit status 0 if all passed)
 #
@@ -87,12 +90,24 @@ grep -Eq " [1-9][0-9]* applied from the ring at failover" /tmp/ring-runs.txt || 
 echo "== perftest: ib_send_lat (half a round trip) and ib_write_bw on rxe0"
 serve_and_run ib_send_lat -n 2000 || exit 12
 serve_and_run ib_write_bw -n 2000 || exit 13
+# Figures, not a check: ordinal next to perftest in one process on the same device and GID. The
+# pollers spin 1 ms after a completion: the default 50 us suits a real NIC, where a round trip
+# takes a few microseconds, but under emulation one takes hundreds and every message then costs
+# a wake-up (order round trip at 4 KiB, one write in flight: 731 us with 50 us, 247 us with
+# 1 ms, 425 us with 20 ms, where the spinning pollers crowd the two CPUs).
+echo "== ordinal bench --transport verbs --perftest on rxe0 (figures only)"
+./target/release/ordinal bench --transport verbs --device rxe0 --poll-spin-us 1000 --perftest \
+  --perftest-iterations 1000 --modes order-sync --sizes 4096,65536 --queue-depths 1,16 \
+  --point-ms 1000 --dir /dev/shm --out /tmp/bench-verbs >/tmp/bench-verbs.txt 2>&1 && rc=0 || rc=$?
+sed -n "/^mode /,\$p" /tmp/bench-verbs.txt
+[ "$rc" = 0 ] || { echo "ordinal bench --perftest: FAILED (exit $rc), no side-by-side figures this run:"; tail -n 20 /tmp/bench-verbs.txt; }
 echo "== guest suite passed"
 '
 started=$(now_us)
 guest_log=$(mktemp)
 trap 'rm -f "$build_log" "$guest_log"' EXIT
-tools/guest/run.sh --timeout 600 --mem 1G -- "$guest_script" 2>&1 | tee "$guest_log" && rc=0 || rc=${PIPESTATUS[0]}
+# 2 GiB: the bench keeps two 256 MiB volumes in /dev/shm (half the guest's memory at most).
+tools/guest/run.sh --timeout 600 --mem 2G -- "$guest_script" 2>&1 | tee "$guest_log" && rc=0 || rc=${PIPESTATUS[0]}
 # perftest's result rows: latency "2 iterations t_min t_max t_typical t_avg ..."; bandwidth
 # "65536 iterations BW_peak BW_average MsgRate": perftest's MB/sec are MiB/s (its format factor
 # for MB is 0x100000), printed here as MB/s of 10^6 bytes like ordinal's figures.
@@ -101,7 +116,10 @@ tr -d '\r' <"$guest_log" | awk '
   $1 == 65536 && NF >= 5 && $2 ~ /^[0-9]+$/ && $4 ~ /^[0-9.]+$/ { printf "guest suite: ib_write_bw 64 KiB: %.1f MB/s average (%s MiB/s)\n", $4 * 1.048576, $4 }
   /^test result:/ { print "guest suite: verbs tests: " $0 }
   /^[0-9]+ run\(s\), / { print "guest suite: ordinal demo --transport verbs: " $0 }
-  /^ring recovery: [0-9]+ run\(s\), / { print "guest suite: ordinal demo --transport verbs --dr-apply-delay-ms 200, " $0 }'
+  /^ring recovery: [0-9]+ run\(s\), / { print "guest suite: ordinal demo --transport verbs --dr-apply-delay-ms 200, " $0 }
+  /^perftest on rxe0 in the same run/ { side = 1 }
+  side && NF == 0 { side = 0 }
+  side || /^ordinal bench --perftest: FAILED/ { print "guest suite: bench: " $0 }'
 case $rc in
   0) ;;
   125) skip "the guest did not reach its command (QEMU could not run it here)" ;;
