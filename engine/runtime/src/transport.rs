@@ -21,7 +21,9 @@
 //!
 //! Frames (all little-endian) carry a fixed 32-byte header and at most
 //! [`FRAME_PAYLOAD_BYTES_MAX`] bytes of payload. The responder acknowledges requests
-//! cumulatively after each burst it processed, which is what a NIC's coalesced ACKs do.
+//! cumulatively, as a NIC coalesces its ACKs: one-sided requests after each burst it processed,
+//! SENDs with its next frame or after `DELAYED_ACK` (a SEND's completion gates nothing in the
+//! protocol, and an ACK on its own costs a send(2) on both ends over loopback).
 //!
 //! # Backends
 //! A [`QueuePair`] is either this TCP emulation ([`QueuePair::start`]) or, with the `verbs`
