@@ -921,8 +921,11 @@ async fn reader_task(state: Rc<QpState>, mut reader: futures_lite::io::ReadHalf<
             // run first: what it answers is queued before the writer runs, and the ACK travels
             // in the same send instead of costing the peer a wake-up of its own.
             futures_lite::future::yield_now().await;
-            encode_ack(&state, &mut state.out.borrow_mut());
-            let _ = state.wake_writer.try_send(());
+            // The writer may have run meanwhile and taken the ACK along already.
+            if state.ack_owed() {
+                encode_ack(&state, &mut state.out.borrow_mut());
+                let _ = state.wake_writer.try_send(());
+            }
         } else if handled == Handled::PeerSend && !state.down.get() {
             if state.processed.get() - state.processed_acked.get() >= DELAYED_ACK_SENDS_MAX {
                 encode_ack(&state, &mut state.out.borrow_mut());
