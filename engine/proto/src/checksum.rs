@@ -99,7 +99,7 @@ fn apply_shift(tables: &ShiftTables, state: u32) -> u32 {
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "sse4.2")]
 unsafe fn crc32c_medium_sse42(bytes: &[u8]) -> u32 {
-    use std::arch::x86_64::{_mm_crc32_u64, _mm_crc32_u8};
+    use std::arch::x86_64::_mm_crc32_u64;
     let word = |at: usize| u64::from_le_bytes(bytes[at..at + 8].try_into().expect("8 bytes"));
     let (one_lane, two_lanes) = lane_shift_tables();
     let mut state = u32::MAX;
@@ -129,14 +129,10 @@ unsafe fn crc32c_medium_sse42(bytes: &[u8]) -> u32 {
         crc = _mm_crc32_u64(crc, word(at));
         at += 8;
     }
-    let mut crc = crc as u32;
-    for &byte in &bytes[at..] {
-        crc = _mm_crc32_u8(crc, byte);
-    }
-    !crc
+    !crc_tail(crc as u32, &bytes[at..])
 }
 
-/// CRC-32C with the SSE 4.2 instruction, 8 bytes at a time, then the tail byte by byte. Same
+/// CRC-32C with the SSE 4.2 instruction, 8 bytes at a time, then the tail in at most three steps. Same
 /// result as the crate (checked by the tests below): initial value and final XOR of all ones.
 ///
 /// # Safety
@@ -144,7 +140,7 @@ unsafe fn crc32c_medium_sse42(bytes: &[u8]) -> u32 {
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "sse4.2")]
 unsafe fn crc32c_small_sse42(bytes: &[u8]) -> u32 {
-    use std::arch::x86_64::{_mm_crc32_u64, _mm_crc32_u8};
+    use std::arch::x86_64::_mm_crc32_u64;
     let mut crc = u64::from(u32::MAX);
     let mut words = bytes.chunks_exact(8);
     for word in &mut words {
@@ -153,11 +149,32 @@ unsafe fn crc32c_small_sse42(bytes: &[u8]) -> u32 {
             u64::from_le_bytes(word.try_into().expect("chunks of 8")),
         );
     }
-    let mut crc = crc as u32;
-    for &byte in words.remainder() {
+    !crc_tail(crc as u32, words.remainder())
+}
+
+/// The last 0 to 7 bytes in at most three steps (4, 2, 1 bytes). Each CRC instruction waits
+/// for the previous one (three cycles), and the records and entries that take the direct path
+/// are 12, 28, 44 and 60 bytes long: byte by byte their 4-byte tails were four dependent steps,
+/// which perf showed as a fifth of the direct path's time. (Safe to call only from code that
+/// has SSE 4.2 enabled too, which the compiler checks.)
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "sse4.2")]
+#[inline]
+fn crc_tail(mut crc: u32, mut tail: &[u8]) -> u32 {
+    use std::arch::x86_64::{_mm_crc32_u16, _mm_crc32_u32, _mm_crc32_u8};
+    debug_assert!(tail.len() < 8);
+    if let Some((four, rest)) = tail.split_first_chunk::<4>() {
+        crc = _mm_crc32_u32(crc, u32::from_le_bytes(*four));
+        tail = rest;
+    }
+    if let Some((two, rest)) = tail.split_first_chunk::<2>() {
+        crc = _mm_crc32_u16(crc, u16::from_le_bytes(*two));
+        tail = rest;
+    }
+    if let Some(&byte) = tail.first() {
         crc = _mm_crc32_u8(crc, byte);
     }
-    !crc
+    crc
 }
 
 #[cfg(test)]
