@@ -366,10 +366,90 @@ fn make_volume(path: &Path) -> Result<(), String> {
     Ok(())
 }
 
+/// How often a role of a [`RunningSystem`] looks whether it was asked to stop.
+const STOP_POLL: Duration = Duration::from_millis(20);
+
+/// The three role threads of one [`with_system`] call. Dropping it stops them and waits for
+/// their threads to end: each role's future is dropped with its executor, and with it every
+/// task, queue pair, socket and open file. Before this existed the daemons of each mode ran on
+/// until the process exited: their volumes stayed allocated after their directory was removed
+/// (deleted, but open), so the second mode of `ordinal bench --modes async,order-sync` in a
+/// 2 GiB guest failed with "No space left on device" on its /dev/shm, and their heartbeats and
+/// pollers kept taking CPU from every point measured after them.
+struct RunningSystem {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    threads: Vec<(&'static str, std::thread::JoinHandle<()>)>,
+}
+
+impl RunningSystem {
+    fn new() -> RunningSystem {
+        RunningSystem {
+            stop: std::sync::Arc::default(),
+            threads: Vec::new(),
+        }
+    }
+
+    /// Runs a role on its own executor until it ends by itself or the system is dropped.
+    fn start<F, Fut>(&mut self, name: &'static str, side: Side, role: F) -> Result<(), String>
+    where
+        F: FnOnce() -> Fut + Send + 'static,
+        Fut: std::future::Future<Output = Result<(), String>> + 'static,
+    {
+        let stop = self.stop.clone();
+        let thread = executor_thread(name, side, move || {
+            let role = role();
+            async move {
+                let stopped = async move {
+                    while !stop.load(std::sync::atomic::Ordering::Acquire) {
+                        glommio::timer::sleep(STOP_POLL).await;
+                    }
+                    Ok(())
+                };
+                futures_lite::future::or(role, stopped).await
+            }
+        })?;
+        self.threads.push((name, thread));
+        Ok(())
+    }
+
+    /// Whether every role thread has ended.
+    #[cfg(test)]
+    fn all_ended(&self) -> bool {
+        self.threads.iter().all(|(_, thread)| thread.is_finished())
+    }
+}
+
+impl Drop for RunningSystem {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Release);
+        for (name, thread) in self.threads.drain(..) {
+            if thread.join().is_err() {
+                eprintln!("loopback system: the {name} thread panicked");
+            }
+        }
+    }
+}
+
 /// Starts aux and DR on their own threads and the primary on a third, and runs `workload` on
-/// the primary's executor once it is ready. Returns what the workload sends back; the daemons
-/// keep running until the process exits.
+/// the primary's executor once it is ready. Returns what the workload sends back, after the
+/// three daemons have stopped.
 pub(crate) fn with_system<T, W, Fut>(config: &LoopbackConfig, workload: W) -> Result<T, String>
+where
+    T: Send + 'static,
+    W: FnOnce(PrimaryHandle) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = T> + 'static,
+{
+    let mut system = RunningSystem::new();
+    let result = run_system(&mut system, config, workload);
+    drop(system);
+    result
+}
+
+fn run_system<T, W, Fut>(
+    system: &mut RunningSystem,
+    config: &LoopbackConfig,
+    workload: W,
+) -> Result<T, String>
 where
     T: Send + 'static,
     W: FnOnce(PrimaryHandle) -> Fut + Send + 'static,
@@ -401,7 +481,7 @@ where
         heartbeat_timeout: Duration::from_secs(3),
         transport: config.transport.clone(),
     };
-    executor_thread("ordinal-aux", Side::Far, move || run_aux(aux))?;
+    system.start("ordinal-aux", Side::Far, move || run_aux(aux))?;
     let dr = DrOptions {
         listen: dr_addr,
         state_dir: dir.join("dr-state"),
@@ -416,7 +496,7 @@ where
         nbd_listen: None,
         apply_delay: std::time::Duration::ZERO,
     };
-    executor_thread("ordinal-dr", Side::Far, move || run_dr(dr))?;
+    system.start("ordinal-dr", Side::Far, move || run_dr(dr))?;
     let primary = PrimaryOptions {
         listen: primary_addr,
         volume: dir.join("primary.vol"),
@@ -434,7 +514,7 @@ where
         tuning: config.tuning,
     };
     let (result_tx, result_rx) = mpsc::channel();
-    executor_thread("ordinal-primary", Side::Near, move || {
+    system.start("ordinal-primary", Side::Near, move || {
         run_primary(primary, move |handle| {
             glommio::spawn_local(async move {
                 let _ = result_tx.send(workload(handle).await);
@@ -558,7 +638,7 @@ async fn measure(handle: PrimaryHandle, config: LoopbackConfig) -> Result<Loopba
     })
 }
 
-/// Ping-pong, then the system, then ping-pong again (with the system idle): both baselines go
+/// Ping-pong, then the system, then ping-pong again (the system stopped): both baselines go
 /// into one histogram, so a drift of the machine during the run shows in neither side alone.
 pub fn run(config: &LoopbackConfig) -> Result<LoopbackReport, String> {
     let mut pingpong_ns = pingpong(ORDER_FRAME_BYTES, config.latency_samples)?;
@@ -570,4 +650,60 @@ pub fn run(config: &LoopbackConfig) -> Result<LoopbackReport, String> {
     report.pingpong_ns = pingpong_ns;
     let _ = std::fs::remove_dir_all(&config.dir);
     Ok(report)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A system's daemons end when it is dropped: each sweep mode starts a fresh system, and
+    /// the daemons of the earlier ones must not keep their volumes or take CPU meanwhile.
+    #[test]
+    fn the_daemons_of_a_system_stop_when_it_is_dropped() {
+        let dir = std::env::temp_dir().join(format!("ordinal-system-stop-{}", std::process::id()));
+        let config = LoopbackConfig {
+            dir: dir.clone(),
+            mode: Mode::OrderSync,
+            write_bytes: 4096,
+            latency_samples: 0,
+            queue_depth: 1,
+            throughput_time: Duration::ZERO,
+            transport: TransportChoice::Tcp,
+            tuning: Tuning::default(),
+            ring_bytes: 8 << 20,
+        };
+        let mut system = RunningSystem::new();
+        let outcome = run_system(&mut system, &config, |handle| async move {
+            matches!(
+                handle.write(0, vec![7u8; 4096]).await,
+                WriteOutcome::Acked { .. }
+            )
+        });
+        assert_eq!(
+            outcome,
+            Ok(true),
+            "a write through the system is acknowledged"
+        );
+        assert!(
+            !system.all_ended(),
+            "the daemons run until the system is dropped"
+        );
+        system
+            .stop
+            .store(true, std::sync::atomic::Ordering::Release);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !system.all_ended() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let ended = system.all_ended();
+        if !ended {
+            // Dropping would wait for the threads for good.
+            std::mem::forget(system);
+        }
+        let _ = std::fs::remove_dir_all(&dir);
+        assert!(
+            ended,
+            "the daemons were still running 20 s after being asked to stop"
+        );
+    }
 }
