@@ -107,11 +107,9 @@ pub fn run(config: CoreLoopConfig) -> CoreLoopOutcome {
     while acked < config.writes {
         while outstanding < config.queue_depth && issued < config.writes {
             let offset = (issued % volume_slots) * config.payload_bytes as u64;
-            match primary.handle_client_write(issued, offset, &payload, NOW) {
-                Ok(admitted) => {
-                    // The runtime copies the client's bytes into the staging ring here.
-                    let at = admitted.ring_offset as usize;
-                    ring[at..at + payload.len()].copy_from_slice(&payload);
+            // The client's bytes are copied into the staging ring (checksummed on the way).
+            match primary.handle_client_write(issued, offset, &payload, &mut ring, NOW) {
+                Ok(_) => {
                     issued += 1;
                     outstanding += 1;
                 }

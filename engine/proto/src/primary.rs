@@ -18,7 +18,7 @@
 
 use std::collections::VecDeque;
 
-use crate::checksum::crc32c;
+use crate::checksum::copy_crc32c;
 use crate::config::{Epoch, Geometry, LinkLossPolicy, Mode, Mutation, Mutations, Nanos, Seq};
 use crate::ring::RingAllocator;
 use crate::wire::{
@@ -215,7 +215,7 @@ pub enum Limit {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Admitted {
     pub seq: Seq,
-    /// Where the runtime must copy the client's bytes in the staging ring before running actions.
+    /// Where the client's bytes were placed in the staging ring.
     pub ring_offset: u64,
 }
 
@@ -417,15 +417,22 @@ impl Primary {
 
     // ----- inputs -----
 
-    /// A client write of `data` at `volume_offset`. On success the caller copies `data` to the
-    /// staging ring at `Admitted::ring_offset` before executing the actions.
+    /// A client write of `data` at `volume_offset`. On success `data` has been copied into
+    /// `staging` (the staging ring, `ring_bytes` long) at `Admitted::ring_offset`, checksummed
+    /// in the same pass; on refusal `staging` is untouched.
     pub fn handle_client_write(
         &mut self,
         client_tag: u64,
         volume_offset: u64,
         data: &[u8],
+        staging: &mut [u8],
         now: Nanos,
     ) -> Result<Admitted, WriteRefused> {
+        assert_eq!(
+            staging.len() as u64,
+            self.config.geometry.ring_bytes,
+            "the staging ring is the geometry's ring"
+        );
         self.advance_clock(now);
         if self.stopped.is_some() {
             return Err(WriteRefused::Stopped);
@@ -479,7 +486,10 @@ impl Primary {
             ring_offset: span.ring_offset,
             alloc_end: span.alloc_end,
             len,
-            payload_crc: crc32c(data),
+            payload_crc: copy_crc32c(
+                data,
+                &mut staging[span.ring_offset as usize..span.ring_offset as usize + data.len()],
+            ),
             client_tag,
             local_done: false,
             answered: false,

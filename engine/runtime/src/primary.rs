@@ -601,14 +601,15 @@ fn settle_flushes(node: &mut PrimaryNode) {
 fn admit(node: &mut PrimaryNode, now: u64) {
     while let Some((volume_offset, data, reply, arrived)) = node.waiting.pop_front() {
         let tag = node.next_client_tag;
-        match node
-            .primary
-            .handle_client_write(tag, volume_offset, &data, now)
-        {
-            Ok(admitted) => {
+        match node.primary.handle_client_write(
+            tag,
+            volume_offset,
+            &data,
+            &mut node.staging[..],
+            now,
+        ) {
+            Ok(_) => {
                 node.next_client_tag += 1;
-                let at = admitted.ring_offset as usize;
-                node.staging[at..at + data.len()].copy_from_slice(&data);
                 node.replies.insert(tag, (reply, arrived));
             }
             Err(WriteRefused::Backpressure(_)) => {

@@ -821,6 +821,7 @@ impl World {
                 tag,
                 *offset,
                 data,
+                &mut self.staging,
                 self.now * self.params.primary_clock_percent / 100,
             ) {
                 Ok(admitted) => {
@@ -830,8 +831,6 @@ impl World {
                         self.truth.len() as u64 + 1,
                         "seqs are assigned densely from 1"
                     );
-                    let at = admitted.ring_offset as usize;
-                    self.staging[at..at + data.len()].copy_from_slice(&data);
                     self.note(|| {
                         format!(
                             "primary admits seq {} ({} bytes at {offset})",
