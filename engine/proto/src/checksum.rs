@@ -49,6 +49,24 @@ pub fn crc32c(bytes: &[u8]) -> u32 {
     crc32c::crc32c(bytes)
 }
 
+/// CRC-32C of the first `N` bytes of `bytes` (which must be at least that long), for the
+/// fixed-size records, entries and headers. Same result as `crc32c`; with the length known when
+/// compiling, the direct path is straight-line code: no loop, no length tests. A write's records
+/// and entries are checksummed about eight times per write, and the loop of the general direct
+/// path cost 48 instructions per 60-byte record where this costs about 12 (callgrind, core bench).
+#[inline]
+pub fn crc32c_prefix<const N: usize>(bytes: &[u8]) -> u32 {
+    let head: &[u8; N] = bytes
+        .first_chunk::<N>()
+        .expect("a fixed-size record is checksummed over its own length");
+    #[cfg(target_arch = "x86_64")]
+    if N <= SMALL_BYTES_MAX && std::arch::is_x86_feature_detected!("sse4.2") {
+        // SAFETY: the CPU supports SSE 4.2, checked above (std caches the answer).
+        return unsafe { crc32c_fixed_sse42(head) };
+    }
+    crc32c(head)
+}
+
 /// Copies `source` into `destination` (the same length) and returns the CRC-32C of the bytes,
 /// reading each byte once: the primary places a client's write in the staging ring and
 /// checksums it in one pass instead of a copy and then a second read. The result is
@@ -226,6 +244,24 @@ unsafe fn crc32c_small_sse42(bytes: &[u8]) -> u32 {
     !crc_tail(crc as u32, words.remainder())
 }
 
+/// The direct path for a length known when compiling (see `crc32c_prefix`).
+///
+/// # Safety
+/// The CPU must support SSE 4.2.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "sse4.2")]
+unsafe fn crc32c_fixed_sse42<const N: usize>(bytes: &[u8; N]) -> u32 {
+    use std::arch::x86_64::_mm_crc32_u64;
+    let mut crc = u64::from(u32::MAX);
+    let mut at = 0;
+    while at + 8 <= N {
+        let word: [u8; 8] = bytes[at..at + 8].try_into().expect("8 bytes");
+        crc = _mm_crc32_u64(crc, u64::from_le_bytes(word));
+        at += 8;
+    }
+    !crc_tail(crc as u32, &bytes[at..])
+}
+
 /// The last 0 to 7 bytes in at most three steps (4, 2, 1 bytes). Each CRC instruction waits
 /// for the previous one (three cycles), and the records and entries that take the direct path
 /// are 12, 28, 44 and 60 bytes long: byte by byte their 4-byte tails were four dependent steps,
@@ -332,5 +368,18 @@ mod tests {
                 assert_eq!(crc32c(&bytes), crc32c::crc32c(&bytes), "length {len}");
             }
         }
+    }
+
+    #[test]
+    fn the_fixed_length_path_agrees_with_the_crate() {
+        // The record sizes in use (12, 28, 44, 60), both sides of them, the 64-byte switch, and
+        // a prefix of a longer buffer (only the first N bytes count).
+        let bytes: Vec<u8> = (0..100u32).map(|i| (i * 37 + 11) as u8).collect();
+        macro_rules! check {
+            ($($n:literal),*) => {$(
+                assert_eq!(crc32c_prefix::<$n>(&bytes), crc32c::crc32c(&bytes[..$n]), "length {}", $n);
+            )*};
+        }
+        check!(0, 1, 7, 8, 11, 12, 13, 27, 28, 29, 43, 44, 45, 59, 60, 61, 63, 64, 65, 80);
     }
 }

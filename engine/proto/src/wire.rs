@@ -18,7 +18,7 @@
 
 use core::fmt;
 
-use crate::checksum::crc32c;
+use crate::checksum::{crc32c, crc32c_prefix};
 use crate::config::{Epoch, Geometry, Seq};
 
 /// Version of every format in this module. A peer or file with another version is refused.
@@ -255,9 +255,9 @@ fn need(what: &'static str, bytes: &[u8], needed: usize) -> Result<(), DecodeErr
 }
 
 /// Checks the trailing CRC-32C stored at `crc_at` over `bytes[..crc_at]`.
-fn check_crc(what: &'static str, bytes: &[u8], crc_at: usize) -> Result<(), DecodeError> {
-    let stored = get_u32(bytes, crc_at);
-    let computed = crc32c(&bytes[..crc_at]);
+fn check_crc<const CRC_AT: usize>(what: &'static str, bytes: &[u8]) -> Result<(), DecodeError> {
+    let stored = get_u32(bytes, CRC_AT);
+    let computed = crc32c_prefix::<CRC_AT>(bytes);
     if stored != computed {
         return Err(DecodeError::BadChecksum {
             what,
@@ -319,7 +319,7 @@ impl MessageHeader {
         put_u32(out, 12, self.body_len);
         put_u32(out, 16, self.body_crc);
         out[20..28].fill(0);
-        let crc = crc32c(&out[..28]);
+        let crc = crc32c_prefix::<28>(out);
         put_u32(out, 28, crc);
     }
 
@@ -339,7 +339,7 @@ impl MessageHeader {
                 found: bytes[4],
             });
         }
-        check_crc(WHAT, bytes, 28)?;
+        check_crc::<28>(WHAT, bytes)?;
         if bytes[20..28].iter().any(|&b| b != 0) {
             return Err(DecodeError::ReservedNotZero { what: WHAT });
         }
@@ -464,7 +464,7 @@ impl OrderRecord {
         put_u32(out, 32, self.len);
         put_u32(out, 36, self.payload_crc);
         put_u32(out, 40, 0);
-        let crc = crc32c(&out[..44]);
+        let crc = crc32c_prefix::<44>(out);
         put_u32(out, 44, crc);
     }
 
@@ -484,7 +484,7 @@ impl OrderRecord {
                 found: bytes[2],
             });
         }
-        check_crc(WHAT, bytes, 44)?;
+        check_crc::<44>(WHAT, bytes)?;
         if bytes[3] != 0 || get_u32(bytes, 40) != 0 {
             return Err(DecodeError::ReservedNotZero { what: WHAT });
         }
@@ -586,14 +586,14 @@ impl DrState {
         put_u64(out, 24, self.ring_bytes);
         put_u64(out, 32, self.volume_bytes);
         put_u32(out, 40, self.table_slots);
-        let crc = crc32c(&out[..44]);
+        let crc = crc32c_prefix::<44>(out);
         put_u32(out, 44, crc);
     }
 
     pub fn decode(bytes: &[u8]) -> Result<Self, DecodeError> {
         const WHAT: &str = "DR state";
         need(WHAT, bytes, DR_STATE_BYTES)?;
-        check_crc(WHAT, bytes, 44)?;
+        check_crc::<44>(WHAT, bytes)?;
         let state = DrState {
             held_through: get_u64(bytes, 0),
             landed_through: get_u64(bytes, 8),
@@ -721,14 +721,14 @@ impl DrStatusEntry {
         put_u64(out, 0, self.seq);
         out[8] = self.status as u8;
         out[9..12].fill(0);
-        let crc = crc32c(&out[..12]);
+        let crc = crc32c_prefix::<12>(out);
         put_u32(out, 12, crc);
     }
 
     pub fn decode(bytes: &[u8]) -> Result<Self, DecodeError> {
         const WHAT: &str = "DR status entry";
         need(WHAT, bytes, DR_STATUS_BYTES)?;
-        check_crc(WHAT, bytes, 12)?;
+        check_crc::<12>(WHAT, bytes)?;
         let status = match bytes[8] {
             1 => DrStatus::NotReplicated,
             2 => DrStatus::Landed,
@@ -779,7 +779,7 @@ impl AuxEntry {
         out[24] = self.status as u8;
         out[25] = FORMAT_VERSION;
         put_u16(out, 26, 0);
-        let crc = crc32c(&out[..28]);
+        let crc = crc32c_prefix::<28>(out);
         put_u32(out, 28, crc);
     }
 
@@ -796,7 +796,7 @@ impl AuxEntry {
                 found: bytes[25],
             });
         }
-        check_crc(WHAT, bytes, 28)?;
+        check_crc::<28>(WHAT, bytes)?;
         let status = match bytes[24] {
             1 => PrimaryStatus::Queued,
             2 => PrimaryStatus::Replicated,
@@ -826,7 +826,7 @@ impl Heartbeat {
     pub fn encode(&self, out: &mut [u8]) {
         put_u64(out, 0, self.counter);
         put_u32(out, 8, self.epoch);
-        let crc = crc32c(&out[..12]);
+        let crc = crc32c_prefix::<12>(out);
         put_u32(out, 12, crc);
     }
 
@@ -836,7 +836,7 @@ impl Heartbeat {
         if bytes[..HEARTBEAT_BYTES].iter().all(|&b| b == 0) {
             return Ok(None);
         }
-        check_crc("heartbeat", bytes, 12)?;
+        check_crc::<12>("heartbeat", bytes)?;
         Ok(Some(Heartbeat {
             counter: get_u64(bytes, 0),
             epoch: get_u32(bytes, 8),
@@ -878,7 +878,7 @@ impl RegionHeader {
         put_u64(out, 32, self.geometry.ring_bytes);
         put_u32(out, 40, self.geometry.payload_bytes_max);
         put_u32(out, 44, self.geometry.sector_bytes);
-        let crc = crc32c(&out[..60]);
+        let crc = crc32c_prefix::<60>(out);
         put_u32(out, 60, crc);
     }
 
@@ -895,7 +895,7 @@ impl RegionHeader {
                 found: bytes[4],
             });
         }
-        check_crc(WHAT, bytes, 60)?;
+        check_crc::<60>(WHAT, bytes)?;
         let known_flags = REGION_FLAG_PROMOTED | REGION_FLAG_FENCED;
         if bytes[6..8].iter().chain(&bytes[48..60]).any(|&b| b != 0) || bytes[5] & !known_flags != 0
         {
