@@ -6,12 +6,15 @@
 //!
 //! One-sided writes cost nothing here: the primary's staging ring *is* the DR's ring (the same
 //! buffer), so a payload "lands" the moment it is posted, exactly as if the NIC had copied it.
+//! Each pass of the loop takes every step already queued, as a runtime's poll returns every
+//! completion and message that is ready, and then admits writes and takes the primary's actions
+//! once, as the primary's runtime does (its loop takes up to 64 waiting inputs per pass).
 //! Consecutive completions of one kind are reported together, as one poll of a completion
 //! queue returns them.
 
 use std::collections::VecDeque;
 
-use ordinal_proto::dr::{dr_log_bytes, Dr, DrAction, DrConfig};
+use ordinal_proto::dr::{dr_log_bytes, Dr, DrAction, DrConfig, OutMessage};
 use ordinal_proto::primary::{AuxWriteTag, Primary, PrimaryAction, PrimaryConfig, WriteRefused};
 use ordinal_proto::{Geometry, Mode, Nanos};
 
@@ -23,9 +26,17 @@ const NOW: Nanos = 0;
 #[derive(Clone, Copy, Debug)]
 enum Step {
     LocalDone(u64),
-    OrderBatch { buffer: usize, len: usize },
-    PayloadLanded { seq: u64, imm: u32 },
-    DrMessage(ordinal_proto::dr::OutMessage),
+    OrderBatch {
+        buffer: usize,
+        len: usize,
+    },
+    PayloadLanded {
+        seq: u64,
+        imm: u32,
+    },
+    /// The next message of `dr_messages` (kept apart so that every queued step stays small:
+    /// a message is ten times the size of any other step).
+    DrMessage,
     ApplyDone(u64),
     AuxDone(AuxWriteTag),
 }
@@ -82,6 +93,7 @@ pub fn run(config: CoreLoopConfig) -> CoreLoopOutcome {
     .expect("fresh log");
     let payload = vec![0xA5u8; config.payload_bytes];
     let mut steps: VecDeque<Step> = VecDeque::with_capacity(4096);
+    let mut dr_messages: VecDeque<OutMessage> = VecDeque::with_capacity(256);
     let mut primary_actions: Vec<PrimaryAction> = Vec::with_capacity(256);
     let mut dr_actions: Vec<DrAction> = Vec::with_capacity(256);
 
@@ -137,46 +149,62 @@ pub fn run(config: CoreLoopConfig) -> CoreLoopOutcome {
                 }
             }
         }
-        let Some(step) = steps.pop_front() else {
-            continue;
-        };
-        match step {
-            Step::LocalDone(seq) => primary.handle_local_write_done(seq, NOW),
-            Step::OrderBatch { buffer, len } => {
-                let bytes = &primary.order_batch(buffer)[..len];
-                dr.handle_order_batch(bytes, &ring).expect("valid batch");
-            }
-            Step::PayloadLanded { seq, imm } => {
-                // Completions are taken as a poll of the completion queue returns them: every
-                // landing is verified by the DR, and the primary hears once, of the last one.
-                dr.handle_payload_landed(imm, &ring)
-                    .expect("payload verifies");
-                let mut through = seq;
-                while let Some(&Step::PayloadLanded { seq, imm }) = steps.front() {
-                    steps.pop_front();
+        // One pass of a runtime's loop: every step already queued (a poll of each completion
+        // queue and receive queue), then admission and the primary's actions once, as the
+        // primary's runtime does. Steps these cause wait for the next pass.
+        let queued = steps.len();
+        let mut taken = 0;
+        while taken < queued {
+            let Some(step) = steps.pop_front() else {
+                break;
+            };
+            taken += 1;
+            match step {
+                Step::LocalDone(seq) => primary.handle_local_write_done(seq, NOW),
+                Step::OrderBatch { buffer, len } => {
+                    let bytes = &primary.order_batch(buffer)[..len];
+                    dr.handle_order_batch(bytes, &ring).expect("valid batch");
+                }
+                Step::PayloadLanded { seq, imm } => {
+                    // Completions are taken as a poll of the completion queue returns them: every
+                    // landing is verified by the DR, and the primary hears once, of the last one.
                     dr.handle_payload_landed(imm, &ring)
                         .expect("payload verifies");
-                    through = seq;
+                    let mut through = seq;
+                    while let Some(&Step::PayloadLanded { seq, imm }) = steps.front() {
+                        steps.pop_front();
+                        taken += 1;
+                        dr.handle_payload_landed(imm, &ring)
+                            .expect("payload verifies");
+                        through = seq;
+                    }
+                    primary.handle_payload_write_done(through, NOW);
                 }
-                primary.handle_payload_write_done(through, NOW);
-            }
-            Step::DrMessage(message) => primary
-                .handle_dr_message(message.as_bytes(), NOW)
-                .expect("valid DR message"),
-            Step::ApplyDone(seq) => {
-                let mut through = seq;
-                while let Some(&Step::ApplyDone(seq)) = steps.front() {
-                    steps.pop_front();
-                    through = seq;
+                Step::DrMessage => {
+                    let message = dr_messages.pop_front().expect("one message per step");
+                    primary
+                        .handle_dr_message(message.as_bytes(), NOW)
+                        .expect("valid DR message")
                 }
-                dr.handle_apply_done(through);
+                Step::ApplyDone(seq) => {
+                    let mut through = seq;
+                    while let Some(&Step::ApplyDone(seq)) = steps.front() {
+                        steps.pop_front();
+                        taken += 1;
+                        through = seq;
+                    }
+                    dr.handle_apply_done(through);
+                }
+                Step::AuxDone(tag) => primary.handle_aux_write_done(tag, NOW),
             }
-            Step::AuxDone(tag) => primary.handle_aux_write_done(tag, NOW),
         }
         dr.swap_actions(&mut dr_actions);
         for action in dr_actions.drain(..) {
             match action {
-                DrAction::Send(message) => steps.push_back(Step::DrMessage(message)),
+                DrAction::Send(message) => {
+                    dr_messages.push_back(message);
+                    steps.push_back(Step::DrMessage);
+                }
                 DrAction::Apply { seq, .. } => steps.push_back(Step::ApplyDone(seq)),
                 other => panic!("unexpected {other:?}"),
             }

@@ -249,6 +249,12 @@ pub struct PrimaryStats {
 pub struct Primary {
     config: PrimaryConfig,
     stopped: Option<PrimaryStop>,
+    /// An input changed what the primary may send, acknowledge or release, and `pump` has not
+    /// run since. Inputs only record facts; the work they make possible is done once, when the
+    /// runtime takes the actions (or when admission or a stop needs it first), so a runtime
+    /// that hands over a poll's worth of completions and client writes before taking the
+    /// actions pays for one pass, and its order records go out in one batch.
+    pump_due: bool,
     dr_link_up: bool,
     aux_up: bool,
     ops: Box<[OpSlot]>,
@@ -320,6 +326,7 @@ impl Primary {
         Primary {
             config,
             stopped: None,
+            pump_due: false,
             dr_link_up: false,
             aux_up: false,
             ops: vec![OpSlot::default(); geometry.table_slots as usize].into_boxed_slice(),
@@ -402,6 +409,7 @@ impl Primary {
 
     /// Takes the actions produced so far, in the order they must be executed.
     pub fn drain_actions(&mut self) -> std::vec::Drain<'_, PrimaryAction> {
+        self.pump_if_due();
         self.actions.drain(..)
     }
 
@@ -412,6 +420,7 @@ impl Primary {
             buffer.is_empty(),
             "the previous actions were not all executed"
         );
+        self.pump_if_due();
         std::mem::swap(&mut self.actions, buffer);
     }
 
@@ -454,24 +463,19 @@ impl Primary {
         };
         probe.validate(&geometry).map_err(WriteRefused::Invalid)?;
 
-        let in_table = self.next_seq - 1 - self.slots_released_through;
-        let limit = if in_table >= u64::from(geometry.table_slots) {
-            Some(Limit::TableSlots)
-        } else if self.last_seq() - self.payload_done_through >= self.config.lag_ops_max {
-            Some(Limit::LagOps)
-        } else if self.lag_bytes + u64::from(len) > self.config.lag_bytes_max {
-            Some(Limit::LagBytes)
-        } else {
-            None
+        // Admission looks at released table slots and ring space: if inputs since the last pass
+        // may have freed some, that pass runs first, so deferring it never refuses a write.
+        let span = match self.admit(len) {
+            Err(_) if self.pump_due => {
+                self.pump_if_due();
+                self.admit(len)
+            }
+            admitted => admitted,
         };
-        if let Some(limit) = limit {
+        let span = span.map_err(|limit| {
             self.stats.backpressure += 1;
-            return Err(WriteRefused::Backpressure(limit));
-        }
-        let Some(span) = self.ring.allocate(u64::from(len)) else {
-            self.stats.backpressure += 1;
-            return Err(WriteRefused::Backpressure(Limit::RingBytes));
-        };
+            WriteRefused::Backpressure(limit)
+        })?;
 
         let seq = self.next_seq;
         self.next_seq += 1;
@@ -501,11 +505,27 @@ impl Primary {
             ring_offset: span.ring_offset,
             len,
         });
-        self.pump();
+        self.pump_due = true;
         Ok(Admitted {
             seq,
             ring_offset: span.ring_offset,
         })
+    }
+
+    /// Checks the configured limits and takes ring space for a write of `len` bytes.
+    fn admit(&mut self, len: u32) -> Result<crate::ring::RingSpan, Limit> {
+        let geometry = self.config.geometry;
+        let in_table = self.next_seq - 1 - self.slots_released_through;
+        if in_table >= u64::from(geometry.table_slots) {
+            return Err(Limit::TableSlots);
+        }
+        if self.last_seq() - self.payload_done_through >= self.config.lag_ops_max {
+            return Err(Limit::LagOps);
+        }
+        if self.lag_bytes + u64::from(len) > self.config.lag_bytes_max {
+            return Err(Limit::LagBytes);
+        }
+        self.ring.allocate(u64::from(len)).ok_or(Limit::RingBytes)
     }
 
     pub fn handle_local_write_done(&mut self, seq: Seq, now: Nanos) {
@@ -605,7 +625,7 @@ impl Primary {
         self.order_acked_through = state.held_through;
         self.dr_landed_through = self.dr_landed_through.max(state.landed_through);
         self.dr_applied_through = state.applied_through;
-        self.pump();
+        self.pump_due = true;
         Ok(())
     }
 
@@ -623,7 +643,7 @@ impl Primary {
             "completion for a payload write never posted"
         );
         self.advance_payload_done(seq);
-        self.pump();
+        self.pump_due = true;
     }
 
     /// The DR link failed (error completion, connection loss). Nothing in flight on it can be
@@ -634,7 +654,7 @@ impl Primary {
         self.order_batches_inflight.clear();
         self.order_sent_through = self.order_acked_through;
         self.payload_posted_through = self.payload_done_through;
-        self.pump();
+        self.pump_due = true;
     }
 
     pub fn handle_aux_write_done(&mut self, tag: AuxWriteTag, now: Nanos) {
@@ -669,7 +689,7 @@ impl Primary {
                 }
             }
         }
-        self.pump();
+        self.pump_due = true;
     }
 
     /// An aux write failed. A remote-access error means the aux revoked our access: we are fenced.
@@ -683,7 +703,7 @@ impl Primary {
         // What was in flight may not have landed: it is written again once the aux is back.
         self.forget_aux_writes_in_flight();
         self.heartbeat_inflight = false;
-        self.pump();
+        self.pump_due = true;
     }
 
     /// The aux is reachable (again). Its region survived (memory-mapped file) but writes in
@@ -695,7 +715,7 @@ impl Primary {
         self.aux_queued_done_through = self.slots_released_through;
         self.aux_replicated_done_through = self.slots_released_through;
         self.forget_aux_writes_in_flight();
-        self.pump();
+        self.pump_due = true;
     }
 
     /// Drops the groups in flight and posts again, from what is known done, everything after.
@@ -802,6 +822,13 @@ impl Primary {
     }
 
     /// Runs everything that may have become possible after an input.
+    fn pump_if_due(&mut self) {
+        if self.pump_due {
+            self.pump_due = false;
+            self.pump();
+        }
+    }
+
     fn pump(&mut self) {
         if self.stopped.is_some() {
             return;
@@ -1077,6 +1104,9 @@ impl Primary {
         if self.stopped.is_some() {
             return;
         }
+        // What the inputs before this one made possible is done first, as if each input had
+        // been handled on its own.
+        self.pump_if_due();
         self.stopped = Some(why);
         // Every write not yet answered fails: once fenced, no new write may be acknowledged (I5).
         for seq in self.slots_released_through + 1..self.next_seq {

@@ -319,6 +319,11 @@ struct PrimaryNode {
 const ORDERS_TIMED_MAX: usize = 1024;
 
 /// Runs the primary until it stops; `ready` receives the client API once the volume is open.
+/// Inputs taken in one pass of the primary's loop before its actions are executed: enough for a
+/// poll's worth of completions at queue depth 64, few enough that the first of them is not
+/// held back long (each takes a microsecond or two).
+const INPUTS_PER_PASS_MAX: usize = 64;
+
 pub async fn run_primary(
     options: PrimaryOptions,
     ready: impl FnOnce(PrimaryHandle),
@@ -416,76 +421,103 @@ pub async fn run_primary(
     });
 
     loop {
-        let input = inputs.next().await;
-        let now = crate::now_ns();
+        let mut input = inputs.next().await;
+        let mut now;
+        let mut handled = 0;
+        // One pass takes every input already waiting (up to INPUTS_PER_PASS_MAX), and only then
+        // admits client writes and executes the primary's actions: the protocol core does the
+        // work the inputs made possible once per pass (see `Primary::pump_due`), and the order
+        // records of the writes admitted go out in one batch.
+        loop {
+            now = crate::now_ns();
+            handled += 1;
+            {
+                let mut guard = node.borrow_mut();
+                let node = &mut *guard;
+                match input {
+                    Input::Local(PrimaryEvent::ClientWrite {
+                        volume_offset,
+                        data,
+                        reply,
+                    }) => node.waiting.push_back((
+                        volume_offset,
+                        data,
+                        reply,
+                        std::time::Instant::now(),
+                    )),
+                    Input::Local(PrimaryEvent::LocalWriteDone { seq, result }) => {
+                        let mut startable = Vec::new();
+                        node.writes.finished(seq, &mut startable);
+                        start_local_writes(node, startable, &senders.local);
+                        match result {
+                            Ok(()) => node.primary.handle_local_write_done(seq, now),
+                            Err(error) => {
+                                crate::log!("primary: {error}");
+                                node.primary.handle_local_write_failed(seq);
+                            }
+                        }
+                    }
+                    Input::Local(PrimaryEvent::DrConnected { order, data, ring }) => {
+                        node.dr_connecting = false;
+                        // A pair that cannot start leaves the DR unconnected: the next pass retries.
+                        match (data.start(), order.start()) {
+                            (Ok(data), Ok(order)) => {
+                                crate::log!("primary: connected to the DR ({})", transport.name());
+                                node.dr = Some((order, data, ring));
+                            }
+                            (Err(error), _) | (_, Err(error)) => {
+                                crate::log!("primary: cannot start the DR queue pairs: {error}")
+                            }
+                        }
+                    }
+                    Input::Local(PrimaryEvent::Flush { reply }) => {
+                        if node.flushes.len() < FLUSHES_WAITING_MAX {
+                            node.flushes.push((node.last_acked, reply));
+                        } else {
+                            let why =
+                                format!("{FLUSHES_WAITING_MAX} flushes already wait for the DR");
+                            let _ = reply.try_send(Err(why));
+                        }
+                    }
+                    Input::Local(PrimaryEvent::AuxConnected { qp, table }) => {
+                        node.aux_connecting = false;
+                        match qp.start() {
+                            Ok(qp) => {
+                                crate::log!("primary: connected to the aux ({})", transport.name());
+                                node.aux = Some((qp, table));
+                                node.primary.handle_aux_up(now);
+                            }
+                            Err(error) => {
+                                crate::log!("primary: cannot start the aux queue pair: {error}")
+                            }
+                        }
+                    }
+                    Input::Transport(event) => handle_transport(node, event, now),
+                    Input::Admin(request) => {
+                        let answer = match request.request.as_str() {
+                            "status" => status_json(node, options.mode),
+                            other => format!(
+                                "{{\"error\":{}}}",
+                                admin::json_string(&format!("unknown request {other}"))
+                            ),
+                        };
+                        let _ = request.answer.try_send(answer);
+                    }
+                    Input::Accepted(_) => {}
+                    Input::Tick => node.primary.handle_tick(now),
+                }
+            }
+            if handled == INPUTS_PER_PASS_MAX {
+                break;
+            }
+            // Polled once, without waiting: nothing else runs meanwhile.
+            match futures_lite::future::poll_once(inputs.next()).await {
+                Some(next) => input = next,
+                None => break,
+            }
+        }
         let mut guard = node.borrow_mut();
         let node = &mut *guard;
-        match input {
-            Input::Local(PrimaryEvent::ClientWrite {
-                volume_offset,
-                data,
-                reply,
-            }) => node
-                .waiting
-                .push_back((volume_offset, data, reply, std::time::Instant::now())),
-            Input::Local(PrimaryEvent::LocalWriteDone { seq, result }) => {
-                let mut startable = Vec::new();
-                node.writes.finished(seq, &mut startable);
-                start_local_writes(node, startable, &senders.local);
-                match result {
-                    Ok(()) => node.primary.handle_local_write_done(seq, now),
-                    Err(error) => {
-                        crate::log!("primary: {error}");
-                        node.primary.handle_local_write_failed(seq);
-                    }
-                }
-            }
-            Input::Local(PrimaryEvent::DrConnected { order, data, ring }) => {
-                node.dr_connecting = false;
-                // A pair that cannot start leaves the DR unconnected: the next pass retries.
-                match (data.start(), order.start()) {
-                    (Ok(data), Ok(order)) => {
-                        crate::log!("primary: connected to the DR ({})", transport.name());
-                        node.dr = Some((order, data, ring));
-                    }
-                    (Err(error), _) | (_, Err(error)) => {
-                        crate::log!("primary: cannot start the DR queue pairs: {error}")
-                    }
-                }
-            }
-            Input::Local(PrimaryEvent::Flush { reply }) => {
-                if node.flushes.len() < FLUSHES_WAITING_MAX {
-                    node.flushes.push((node.last_acked, reply));
-                } else {
-                    let why = format!("{FLUSHES_WAITING_MAX} flushes already wait for the DR");
-                    let _ = reply.try_send(Err(why));
-                }
-            }
-            Input::Local(PrimaryEvent::AuxConnected { qp, table }) => {
-                node.aux_connecting = false;
-                match qp.start() {
-                    Ok(qp) => {
-                        crate::log!("primary: connected to the aux ({})", transport.name());
-                        node.aux = Some((qp, table));
-                        node.primary.handle_aux_up(now);
-                    }
-                    Err(error) => crate::log!("primary: cannot start the aux queue pair: {error}"),
-                }
-            }
-            Input::Transport(event) => handle_transport(node, event, now),
-            Input::Admin(request) => {
-                let answer = match request.request.as_str() {
-                    "status" => status_json(node, options.mode),
-                    other => format!(
-                        "{{\"error\":{}}}",
-                        admin::json_string(&format!("unknown request {other}"))
-                    ),
-                };
-                let _ = request.answer.try_send(answer);
-            }
-            Input::Accepted(_) => {}
-            Input::Tick => node.primary.handle_tick(now),
-        }
         if node.dr.is_none() && !node.dr_connecting && node.primary.stopped().is_none() {
             node.dr_connecting = true;
             glommio::spawn_local(connect_to_dr(

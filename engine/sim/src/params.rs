@@ -81,6 +81,12 @@ pub struct Params {
     /// Stop with a liveness failure if the run is not over by this simulated time.
     pub time_limit_ns: Nanos,
     pub mutations: Mutations,
+    /// How the primary's runtime takes its inputs. 0: it takes the primary's actions after
+    /// every input. Above 0: after an event it also handles every event due within this many
+    /// nanoseconds, and only then takes the primary's actions, as a busy runtime that drains a
+    /// poll's worth of completions and client writes before acting (the primary then does its
+    /// work for all of them in one pass).
+    pub primary_poll_window_ns: Nanos,
 }
 
 impl Params {
@@ -121,6 +127,7 @@ impl Params {
             mtu_bytes: 256,
             time_limit_ns: 60_000_000_000,
             mutations: Mutations::NONE,
+            primary_poll_window_ns: 0,
         }
     }
 
@@ -219,12 +226,17 @@ impl Params {
             mtu_bytes: rng.pick(&[128, 256, 512, 1024]),
             time_limit_ns: 30_000_000_000,
             mutations: Mutations::NONE,
+            primary_poll_window_ns: 0,
         };
         // Draws added later (see above): a failing local disk in one seed out of twenty.
         if rng.chance(1, 20) {
             let at = rng.range(0, horizon);
             params.faults.push((at, Fault::LocalWriteFailure));
             params.faults.sort_by_key(|(at, _)| *at);
+        }
+        // Half the seeds: the primary's inputs handled in polls of up to 200 us of events.
+        if rng.chance(1, 2) {
+            params.primary_poll_window_ns = rng.range(1_000, 200_000);
         }
         params
     }

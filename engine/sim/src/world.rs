@@ -265,6 +265,10 @@ pub struct OpTruth {
 
 pub struct World {
     pub params: Params,
+    /// Within a poll (`Params::primary_poll_window_ns`) the primary's actions wait; `owed`
+    /// says some input produced work since they were last taken.
+    primary_actions_deferred: bool,
+    primary_actions_owed: bool,
     rng: Rng,
     now: Nanos,
     steps: u64,
@@ -427,6 +431,8 @@ impl World {
             violations: Vec::new(),
             coverage: Coverage::default(),
             fail_next_local_write: false,
+            primary_actions_deferred: false,
+            primary_actions_owed: false,
             applies_in_flight: 0,
             apply_done_unreported: None,
             acked_after_promotion: Vec::new(),
@@ -699,6 +705,30 @@ impl World {
         let Some(Reverse((at, _, event))) = self.queue.pop() else {
             return false;
         };
+        let window = self.params.primary_poll_window_ns;
+        self.primary_actions_deferred = window > 0;
+        self.take_event(at, event);
+        // One poll: every event due within the window is handled before the primary acts.
+        if window > 0 {
+            while let Some(Reverse((next_at, _, _))) = self.queue.peek() {
+                if *next_at > at + window {
+                    break;
+                }
+                let Some(Reverse((next_at, _, event))) = self.queue.pop() else {
+                    break;
+                };
+                self.take_event(next_at, event);
+            }
+        }
+        self.primary_actions_deferred = false;
+        if std::mem::take(&mut self.primary_actions_owed) {
+            self.run_primary_actions();
+        }
+        self.admit_waiting();
+        true
+    }
+
+    fn take_event(&mut self, at: Nanos, event: Event) {
         self.now = self.now.max(at);
         self.steps += 1;
         if let Some(limit) = self.params.primary_end_after_events {
@@ -707,8 +737,10 @@ impl World {
             }
         }
         self.handle(event);
-        self.admit_waiting();
-        true
+        if self.primary_actions_deferred {
+            // Client writes are taken as they arrive within a poll, before the primary acts.
+            self.admit_waiting();
+        }
     }
 
     fn handle(&mut self, event: Event) {
@@ -876,6 +908,10 @@ impl World {
     // ----- executing the roles' actions -----
 
     fn run_primary_actions(&mut self) {
+        if self.primary_actions_deferred {
+            self.primary_actions_owed = true;
+            return;
+        }
         let Some(primary) = &mut self.primary else {
             return;
         };
