@@ -15,6 +15,13 @@ fn ten_thousand_seeds_hold_every_invariant() {
         );
     }
     assert_eq!(summary.seeds, 10_000);
+    // Half the seeds hand the primary a poll's worth of events at a time: its deferred work
+    // (`Primary::pump_due`) must be reached as often as the one-input-at-a-time path.
+    assert!(
+        summary.coverage.primary_polls > 10_000,
+        "too few polls of several events: {}",
+        summary.coverage.primary_polls
+    );
     // The soak is only worth something if it reaches the interesting cases: acknowledged writes
     // lost and reported, and target ops recovered from the ring at failover.
     assert!(

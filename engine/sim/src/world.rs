@@ -178,6 +178,9 @@ pub struct Coverage {
     pub old_primaries_fenced: u64,
     /// Local writes on the primary that failed (it stops; failover follows).
     pub local_write_failures: u64,
+    /// Polls in which the primary's runtime took several events before the primary acted
+    /// (`Params::primary_poll_window_ns`).
+    pub primary_polls: u64,
 }
 
 impl Coverage {
@@ -200,10 +203,11 @@ impl Coverage {
         self.degraded_acks += other.degraded_acks;
         self.old_primaries_fenced += other.old_primaries_fenced;
         self.local_write_failures += other.local_write_failures;
+        self.primary_polls += other.primary_polls;
     }
 
     /// Name and count of every counter, for printing.
-    pub fn rows(&self) -> [(&'static str, u64); 18] {
+    pub fn rows(&self) -> [(&'static str, u64); 19] {
         [
             ("primary crashes", self.primary_crashes),
             ("primaries cut off from the aux", self.primary_cut_from_aux),
@@ -243,6 +247,10 @@ impl Coverage {
             (
                 "local writes that failed (primary stops)",
                 self.local_write_failures,
+            ),
+            (
+                "polls of several events before the primary acted",
+                self.primary_polls,
             ),
         ]
     }
@@ -710,6 +718,7 @@ impl World {
         self.take_event(at, event);
         // One poll: every event due within the window is handled before the primary acts.
         if window > 0 {
+            let mut taken = 1;
             while let Some(Reverse((next_at, _, _))) = self.queue.peek() {
                 if *next_at > at + window {
                     break;
@@ -718,7 +727,9 @@ impl World {
                     break;
                 };
                 self.take_event(next_at, event);
+                taken += 1;
             }
+            self.coverage.primary_polls += u64::from(taken > 1);
         }
         self.primary_actions_deferred = false;
         if std::mem::take(&mut self.primary_actions_owed) {
