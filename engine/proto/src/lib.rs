@@ -10,7 +10,9 @@
 //! completion, timer tick with the current time) and emits actions to execute (local write, post
 //! SEND, post one-sided WRITE, write aux entries, ack a client, apply to the DR volume, promote),
 //! taken with `drain_actions`. Time is an argument, never read from a clock. The same code runs
-//! under the simulator (`ordinal-sim`) and under the real runtime.
+//! under the simulator (`ordinal-sim`) and under the real runtime. A runtime may hand over
+//! several inputs before taking the actions (a poll's worth): the primary then does the work
+//! they made possible once, when the actions are taken.
 //!
 //! What this crate is not: it opens no file or socket, spawns nothing and depends on no runtime;
 //! memory regions (the DR log, the aux table, the staging ring) are handed in as byte slices.
