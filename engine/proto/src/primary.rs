@@ -821,7 +821,7 @@ impl Primary {
         }
     }
 
-    /// Runs everything that may have become possible after an input.
+    /// Runs the pass that inputs since the last one made due (see `pump_due`).
     fn pump_if_due(&mut self) {
         if self.pump_due {
             self.pump_due = false;
@@ -829,6 +829,7 @@ impl Primary {
         }
     }
 
+    /// Runs everything that may have become possible after the inputs so far.
     fn pump(&mut self) {
         if self.stopped.is_some() {
             return;
