@@ -51,9 +51,9 @@ pub fn crc32c(bytes: &[u8]) -> u32 {
 
 /// CRC-32C of the first `N` bytes of `bytes` (which must be at least that long), for the
 /// fixed-size records, entries and headers. Same result as `crc32c`; with the length known when
-/// compiling, the direct path is straight-line code: no loop, no length tests. A write's records
-/// and entries are checksummed about eight times per write, and the loop of the general direct
-/// path cost 48 instructions per 60-byte record where this costs about 12 (callgrind, core bench).
+/// compiling, the direct path is straight-line code: no loop, no length tests. The core bench
+/// checksums about five records and entries per write; per call, callgrind counted about 50
+/// instructions through the general direct path (order record, 44 bytes) and about 17 here.
 #[inline]
 pub fn crc32c_prefix<const N: usize>(bytes: &[u8]) -> u32 {
     let head: &[u8; N] = bytes

@@ -318,12 +318,12 @@ struct PrimaryNode {
 /// Bound of `PrimaryNode::orders_in_flight`.
 const ORDERS_TIMED_MAX: usize = 1024;
 
-/// Runs the primary until it stops; `ready` receives the client API once the volume is open.
 /// Inputs taken in one pass of the primary's loop before its actions are executed: enough for a
-/// poll's worth of completions at queue depth 64, few enough that the first of them is not
-/// held back long (each takes a microsecond or two).
+/// poll's worth of completions at queue depth 64, and a bound on how long the first of them
+/// waits for its actions.
 const INPUTS_PER_PASS_MAX: usize = 64;
 
+/// Runs the primary until it stops; `ready` receives the client API once the volume is open.
 pub async fn run_primary(
     options: PrimaryOptions,
     ready: impl FnOnce(PrimaryHandle),
