@@ -517,18 +517,22 @@ impl OrderRecord {
         // runs once per record on the DR's hot path; a 64-bit division costs tens of cycles).
         debug_assert!(sector.is_power_of_two());
         let misaligned_bits = u64::from(sector) - 1;
-        for (what, value) in [
-            ("volume offset", self.volume_offset),
-            ("write length", u64::from(self.len)),
-            ("ring position", self.ring_offset),
-        ] {
-            if value & misaligned_bits != 0 {
-                return Err(DecodeError::Misaligned {
-                    what,
-                    value,
-                    align: sector,
-                });
-            }
+        // One test for the three on the way through (valid records are the rule); which one is
+        // misaligned is looked up only to name it in the error.
+        if (self.volume_offset | u64::from(self.len) | self.ring_offset) & misaligned_bits != 0 {
+            let (what, value) = [
+                ("volume offset", self.volume_offset),
+                ("write length", u64::from(self.len)),
+                ("ring position", self.ring_offset),
+            ]
+            .into_iter()
+            .find(|&(_, value)| value & misaligned_bits != 0)
+            .expect("one of the three has a misaligned bit");
+            return Err(DecodeError::Misaligned {
+                what,
+                value,
+                align: sector,
+            });
         }
         let len = u64::from(self.len);
         if self
