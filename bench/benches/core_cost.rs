@@ -3,7 +3,8 @@
 //! Run: `cargo bench -p ordinal-bench --bench core_cost`
 //! (`ORDINAL_BENCH_BATCHES_INFLIGHT=N` sets the order batches in flight, default 2: fewer in
 //! flight means larger batches, as a long link gives them; `ORDINAL_BENCH_WRITES` and
-//! `ORDINAL_BENCH_SMALL_ONLY` shorten the run for profiling.)
+//! `ORDINAL_BENCH_SMALL_ONLY` shorten the run for profiling; `ORDINAL_BENCH_SIZES=512,1024`
+//! picks the payload sizes.)
 //!
 //! Prints, per payload size and mode, the write rate and the cost per write as hdrhistogram
 //! percentiles over repeated runs, and next to it a baseline measured in the same run: the
@@ -43,12 +44,21 @@ fn main() {
         "2xCRC ns/op",
         "ratio"
     );
-    let sizes: &[usize] = if only_small {
-        &[512]
-    } else {
-        &[512, 4096, 65536]
+    let sizes: Vec<usize> = match std::env::var("ORDINAL_BENCH_SIZES") {
+        Ok(list) => list
+            .split(',')
+            .map(|size| match size.trim().parse::<usize>() {
+                Ok(bytes) if bytes > 0 && bytes % 512 == 0 && bytes <= 1 << 20 => bytes,
+                _ => {
+                    eprintln!("ORDINAL_BENCH_SIZES: {size:?} is not a multiple of 512 up to 1 MiB");
+                    std::process::exit(2);
+                }
+            })
+            .collect(),
+        Err(_) if only_small => vec![512],
+        Err(_) => vec![512, 4096, 65536],
     };
-    for &payload_bytes in sizes {
+    for &payload_bytes in &sizes {
         let crc_ns = crc_baseline_ns(payload_bytes);
         for mode in Mode::ALL {
             let mut histogram = Histogram::<u64>::new(3).expect("3 significant digits");
