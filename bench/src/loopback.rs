@@ -495,6 +495,7 @@ where
         transport: config.transport.clone(),
         nbd_listen: None,
         apply_delay: std::time::Duration::ZERO,
+        durable_order_log: false,
     };
     system.start("ordinal-dr", Side::Far, move || run_dr(dr))?;
     let primary = PrimaryOptions {

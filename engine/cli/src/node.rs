@@ -195,6 +195,12 @@ pub struct DrArgs {
     /// ring or the status table is full. A failover's own applies are not held.
     #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u64).range(..=60_000))]
     pub apply_delay_ms: u64,
+    /// Sync the order log to its device before acknowledging order records, so that an
+    /// acknowledged record survives a power loss of the DR machine (DRBD's protocol C for the
+    /// order record). Without it the DR acknowledges once the record is in the page cache,
+    /// which survives the DR process being killed but not its machine losing power.
+    #[arg(long)]
+    pub durable_order_log: bool,
 }
 
 #[derive(Args, Debug)]
@@ -341,6 +347,7 @@ pub fn dr(args: DrArgs) -> Result<ExitCode, String> {
         transport: args.shared.transport()?,
         nbd_listen: Some(args.nbd_listen),
         apply_delay: std::time::Duration::from_millis(args.apply_delay_ms),
+        durable_order_log: args.durable_order_log,
     };
     run_on_executor("ordinal-dr", args.shared.cpu, move || run_dr(options))
 }

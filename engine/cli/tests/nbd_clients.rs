@@ -111,6 +111,11 @@ struct Cluster {
 
 impl Cluster {
     fn start(name: &str) -> Cluster {
+        Cluster::start_with(name, &[])
+    }
+
+    /// [`Cluster::start`] with more flags for the DR.
+    fn start_with(name: &str, dr_flags: &[&str]) -> Cluster {
         let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join(name);
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
@@ -144,6 +149,7 @@ impl Cluster {
         dr_args.extend(["--volume".into(), dir.join("dr.vol").display().to_string()]);
         dr_args.extend(["--aux".into(), aux_addr.to_string()]);
         dr_args.extend(["--nbd-listen", "127.0.0.1:0", "--no-auto-failover"].map(String::from));
+        dr_args.extend(dr_flags.iter().map(|flag| flag.to_string()));
         let dr = Daemon::start(&dr_args, &dir.join("dr.log"));
         let dr_admin = dr.address("listening on", Duration::from_secs(10));
         let mut primary_args = common("primary");
@@ -760,4 +766,36 @@ fn ordinal_bench_measures_a_running_primary_through_nbd_with_writes_pipelined() 
     }
     let status = cluster.status(cluster.primary_admin);
     assert_eq!(number(&status, "acked"), 160, "{status}");
+    // Without `--durable-order-log` the DR leaves its log to the page cache.
+    let dr_status = cluster.status(cluster.dr_admin);
+    assert!(
+        dr_status.contains("\"durable_order_log\":false"),
+        "{dr_status}"
+    );
+    assert_eq!(number(&dr_status, "order_log_syncs"), 0, "{dr_status}");
+}
+
+#[test]
+fn a_dr_with_a_durable_order_log_syncs_it_before_each_acknowledgement() {
+    // Checks that `ordinal dr --durable-order-log` syncs its order log before it answers: with
+    // one write in flight, each write's order batch is answered on its own, so 40 writes take at
+    // least 40 syncs; and that the writes are acknowledged as usual meanwhile. (The test above
+    // checks that a DR without the flag never syncs.)
+    let cluster = Cluster::start_with("durable-log", &["--durable-order-log"]);
+    let output = Command::new(env!("CARGO_BIN_EXE_ordinal"))
+        .args(["bench", "--nbd", &cluster.primary_nbd.to_string()])
+        .args(["--sizes", "4096", "--queue-depths", "1", "--writes", "40"])
+        .output()
+        .unwrap();
+    let stdout = text(&output);
+    assert!(output.status.success(), "{stdout}");
+    let status = cluster.status(cluster.primary_admin);
+    assert_eq!(number(&status, "acked"), 40, "{status}");
+    let dr_status = cluster.status(cluster.dr_admin);
+    assert!(
+        dr_status.contains("\"durable_order_log\":true"),
+        "{dr_status}"
+    );
+    let syncs = number(&dr_status, "order_log_syncs");
+    assert!(syncs >= 40, "{syncs} syncs for 40 writes: {dr_status}");
 }

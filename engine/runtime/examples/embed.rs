@@ -96,6 +96,7 @@ fn run() -> Result<Vec<String>, String> {
         transport: TransportChoice::Tcp,
         nbd_listen: None,
         apply_delay: std::time::Duration::ZERO,
+        durable_order_log: false,
     };
     spawn_executor("embed-dr", None, move || run_dr(dr_options))?;
     let primary_options = PrimaryOptions {

@@ -48,6 +48,12 @@ pub struct DrOptions {
     /// the staging ring, so that a failover has to apply them from there: this exercises the
     /// patent's recovery path (`applied_from_ring` in the loss report) with real processes.
     pub apply_delay: Duration,
+    /// Make the order log durable (msync, which writes the dirty pages back and waits for the
+    /// device) before sending anything that acknowledges order records. Without it a record is
+    /// acknowledged once it is in the log's mapping, so in the page cache: it survives the DR
+    /// process being killed but not a power loss of the DR machine (DRBD's protocol B for the
+    /// order record); with it, protocol C.
+    pub durable_order_log: bool,
 }
 
 /// Local events of the DR loop.
@@ -97,6 +103,10 @@ struct DrNode {
     geometry: Geometry,
     /// `DrOptions::apply_delay`, for applies of the normal stream (a failover's are not held).
     apply_delay: Duration,
+    /// `DrOptions::durable_order_log`.
+    durable_order_log: bool,
+    /// How many times the order log was made durable before an acknowledgement went out.
+    order_log_syncs: u64,
 }
 
 pub async fn run_dr(options: DrOptions) -> Result<(), String> {
@@ -156,6 +166,8 @@ pub async fn run_dr(options: DrOptions) -> Result<(), String> {
         report_json: None,
         geometry,
         apply_delay: options.apply_delay,
+        durable_order_log: options.durable_order_log,
+        order_log_syncs: 0,
     }));
     let serve_promoted = |volume: &Rc<Volume>| {
         if let Some(listen) = options.nbd_listen {
@@ -510,9 +522,24 @@ fn execute_actions(
     on_promoted: &dyn Fn(&Rc<Volume>),
 ) -> Result<(), String> {
     let actions: Vec<DrAction> = node.dr.drain_actions().collect();
+    let mut log_is_durable = !node.durable_order_log;
     for action in actions {
         match action {
             DrAction::Send(message) => {
+                // Every message the DR sends may acknowledge order records (answers, credits,
+                // hello), so the log is made durable once per pass, before the first of them.
+                // msync blocks this executor until the device has the pages: nothing else of
+                // this DR may go out before them anyway.
+                if !log_is_durable {
+                    node.dr.log().flush().map_err(|error| {
+                        format!(
+                            "cannot make the order log durable ({error}); stopping rather than \
+                             acknowledge records a power loss could take"
+                        )
+                    })?;
+                    node.order_log_syncs += 1;
+                    log_is_durable = true;
+                }
                 if let Some(qp) = &node.order_qp {
                     let _ = qp.post_send(0, message.as_bytes());
                 }
@@ -565,7 +592,7 @@ fn execute_actions(
 fn status_json(node: &DrNode) -> String {
     let stats = node.dr.stats();
     format!(
-        "{{\"role\":\"dr\",\"state\":\"{:?}\",\"epoch\":{},\"held_through\":{},\"landed_through\":{},\"applied_through\":{},\"batches_received\":{},\"payloads_landed\":{},\"applied\":{},\"refused\":{},\"checksum_mismatches\":{},\"primary_connected\":{},\"aux_connected\":{},\"failover\":\"{:?}\"}}",
+        "{{\"role\":\"dr\",\"state\":\"{:?}\",\"epoch\":{},\"held_through\":{},\"landed_through\":{},\"applied_through\":{},\"batches_received\":{},\"payloads_landed\":{},\"applied\":{},\"refused\":{},\"checksum_mismatches\":{},\"primary_connected\":{},\"aux_connected\":{},\"failover\":\"{:?}\",\"durable_order_log\":{},\"order_log_syncs\":{}}}",
         node.dr.role(),
         node.dr.epoch(),
         node.dr.held_through(),
@@ -578,6 +605,8 @@ fn status_json(node: &DrNode) -> String {
         stats.checksum_mismatches,
         node.order_qp.as_ref().is_some_and(|q| !q.is_down()),
         node.aux.as_ref().is_some_and(|(q, _)| !q.is_down()),
-        node.failover
+        node.failover,
+        node.durable_order_log,
+        node.order_log_syncs
     )
 }
