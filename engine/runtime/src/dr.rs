@@ -567,6 +567,14 @@ fn execute_actions(
                 }
             }
             DrAction::Promoted { epoch } => {
+                // The log's header now names the new epoch and refuses the old one; with a
+                // durable log, that outlives a power loss before this node serves as primary.
+                if node.durable_order_log {
+                    node.dr.log().flush().map_err(|error| {
+                        format!("cannot make the promotion durable in the order log ({error})")
+                    })?;
+                    node.order_log_syncs += 1;
+                }
                 let report = node.report_json.clone().unwrap_or_default();
                 std::fs::write(report_path, &report).map_err(|error| {
                     format!(
