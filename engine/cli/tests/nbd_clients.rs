@@ -798,4 +798,14 @@ fn a_dr_with_a_durable_order_log_syncs_it_before_each_acknowledgement() {
     );
     let syncs = number(&dr_status, "order_log_syncs");
     assert!(syncs >= 40, "{syncs} syncs for 40 writes: {dr_status}");
+    // A promotion is synced too, before the DR reports it.
+    let mut cluster = cluster;
+    cluster.primary.kill();
+    let report = cluster.failover();
+    assert!(report.contains("\"lost\""), "{report}");
+    let promoted = cluster.status(cluster.dr_admin);
+    assert!(
+        number(&promoted, "order_log_syncs") > syncs,
+        "no sync for the promotion: {promoted}"
+    );
 }
