@@ -6,7 +6,8 @@
 //! write at a time), `--queue-depth N` (32), `--seconds S` (5, throughput phase), `--dir D`
 //! (/dev/shm: tmpfs, so the local write is not a disk), `--transport tcp|verbs`, `--device rxe0`,
 //! `--poll-spin-us N` (50). `ORDINAL_SPIN_US=N` makes every executor
-//! of the run, the baseline's too, spin N µs before it parks.
+//! of the run, the baseline's too, spin N µs before it parks. `ORDINAL_BENCH_ONE_PROCESS=1` runs
+//! the DR and the aux on threads of this process instead of processes of their own.
 
 use std::time::Duration;
 
@@ -87,6 +88,9 @@ fn parse() -> Result<LoopbackConfig, String> {
 }
 
 fn main() {
+    // The system's DR and aux run as this program started again (see `FarRole`); such a
+    // process runs its role here and exits.
+    ordinal_bench::loopback::serve_role_if_asked();
     let config = match parse() {
         Ok(config) => config,
         Err(error) => {
@@ -95,7 +99,7 @@ fn main() {
         }
     };
     println!(
-        "loopback: aux, DR and primary on 127.0.0.1 (one glommio executor each), {} transport, {} mode, {}-byte writes, volumes under {}",
+        "loopback: aux, DR and primary on 127.0.0.1 (one glommio executor each; DR and aux in processes of their own), {} transport, {} mode, {}-byte writes, volumes under {}",
         match &config.transport {
             TransportChoice::Tcp => "tcp".to_string(),
             TransportChoice::Verbs {

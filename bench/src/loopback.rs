@@ -1,6 +1,7 @@
-//! A whole primary/DR/aux system on loopback TCP, in one process (one glommio executor per role,
-//! each on its own thread, as the daemons run), driven through the embeddable API
-//! (`PrimaryHandle`), against a raw TCP ping-pong measured in the same run.
+//! A whole primary/DR/aux system on loopback TCP (one glommio executor per role, as the daemons
+//! run; the DR and the aux in processes of their own where the program allows, see [`FarRole`]),
+//! driven through the embeddable API (`PrimaryHandle`), against a raw TCP ping-pong measured in
+//! the same run.
 //!
 //! What it answers: how much does ordinal add to the one network round trip that `order-sync`
 //! must wait for? An acknowledgement in `order-sync` needs the order record to be held by the DR
@@ -379,6 +380,8 @@ const STOP_POLL: Duration = Duration::from_millis(20);
 struct RunningSystem {
     stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
     threads: Vec<(&'static str, std::thread::JoinHandle<()>)>,
+    /// The far roles, where they run as processes of their own (see [`FarRole`]).
+    children: Vec<(&'static str, std::process::Child)>,
 }
 
 impl RunningSystem {
@@ -386,6 +389,32 @@ impl RunningSystem {
         RunningSystem {
             stop: std::sync::Arc::default(),
             threads: Vec::new(),
+            children: Vec::new(),
+        }
+    }
+
+    /// Starts a far role: as a process of its own (this program run again, see
+    /// [`serve_role_if_asked`]) when the program can, else on a thread of this one.
+    fn start_role(&mut self, role: FarRole, plan: &SystemPlan) -> Result<(), String> {
+        let name = role.name();
+        if ROLES_AS_PROCESSES.load(std::sync::atomic::Ordering::Acquire)
+            && std::env::var_os("ORDINAL_BENCH_ONE_PROCESS").is_none()
+        {
+            let program = std::env::current_exe().map_err(|error| {
+                format!("cannot find this program to start the {name}: {error}")
+            })?;
+            let child = std::process::Command::new(program)
+                .env(ROLE_ENV, plan.encode(role))
+                .stdin(std::process::Stdio::null())
+                .spawn()
+                .map_err(|error| format!("cannot start the {name} process: {error}"))?;
+            self.children.push((name, child));
+            return Ok(());
+        }
+        let plan = plan.clone();
+        match role {
+            FarRole::Aux => self.start(name, Side::Far, move || run_aux(plan.aux_options())),
+            FarRole::Dr => self.start(name, Side::Far, move || run_dr(plan.dr_options())),
         }
     }
 
@@ -412,10 +441,14 @@ impl RunningSystem {
         Ok(())
     }
 
-    /// Whether every role thread has ended.
+    /// Whether every role thread and process has ended.
     #[cfg(test)]
-    fn all_ended(&self) -> bool {
+    fn all_ended(&mut self) -> bool {
         self.threads.iter().all(|(_, thread)| thread.is_finished())
+            && self
+                .children
+                .iter_mut()
+                .all(|(_, child)| matches!(child.try_wait(), Ok(Some(_))))
     }
 }
 
@@ -427,12 +460,239 @@ impl Drop for RunningSystem {
                 eprintln!("loopback system: the {name} thread panicked");
             }
         }
+        // The far roles after the primary, which would otherwise log their going away. A role
+        // process holds nothing a kill can harm: the system's files are removed after it, and
+        // it is waited for so that its volumes are closed first.
+        for (name, mut child) in self.children.drain(..) {
+            if let Err(error) = child.kill().and_then(|()| child.wait().map(drop)) {
+                eprintln!("loopback system: cannot stop the {name} process: {error}");
+            }
+        }
     }
 }
 
-/// Starts aux and DR on their own threads and the primary on a third, and runs `workload` on
-/// the primary's executor once it is ready. Returns what the workload sends back, after the
-/// three daemons have stopped.
+/// The DR and the aux of a benchmark's system, the roles at the far end of its links.
+///
+/// Why they run as processes of their own where the program allows it: glommio issues
+/// `membarrier(MEMBARRIER_CMD_PRIVATE_EXPEDITED)` every time an executor parks (glommio 0.9,
+/// `sys/uring.rs`), which interrupts every CPU running a thread of the same process. With the
+/// three roles in one process, each park of one role interrupted the others mid-work, which
+/// deployed roles (a process each, on machines of their own) never do to each other. Measured
+/// with the loopback benchmark (order-sync, 4 KiB, one write at a time, three runs each, the
+/// membarrier call turned into a no-op by an `LD_PRELOAD` shim as the experiment): order round
+/// trip p50 103.6-149.9 us with it, 83.9-86.6 us without; the raw ping-pong (two threads of
+/// one process either way) 66.4-72.6 us in both.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum FarRole {
+    Aux,
+    Dr,
+}
+
+impl FarRole {
+    fn name(self) -> &'static str {
+        match self {
+            FarRole::Aux => "ordinal-aux",
+            FarRole::Dr => "ordinal-dr",
+        }
+    }
+}
+
+/// Set by [`serve_role_if_asked`]: this program can run a far role when started again.
+static ROLES_AS_PROCESSES: std::sync::atomic::AtomicBool =
+    std::sync::atomic::AtomicBool::new(false);
+
+/// The environment variable that asks this program to run a far role (its value: the plan).
+const ROLE_ENV: &str = "ORDINAL_BENCH_ROLE";
+
+/// What the roles of one system share, all a role process needs to build its options.
+#[derive(Clone, Debug)]
+pub(crate) struct SystemPlan {
+    dir: PathBuf,
+    ring_bytes: u64,
+    write_bytes: usize,
+    transport: TransportChoice,
+    aux: SocketAddr,
+    dr: SocketAddr,
+}
+
+impl SystemPlan {
+    fn psk(&self) -> Vec<u8> {
+        b"loopback-benchmark-key-0123456789".to_vec()
+    }
+
+    fn geometry(&self) -> Geometry {
+        Geometry {
+            volume_bytes: VOLUME_BYTES,
+            // 512 lets `ordinal bench` sweep from 512-byte writes; tmpfs and this machine's disks
+            // take direct I/O at that alignment.
+            sector_bytes: 512,
+            ring_bytes: self.ring_bytes,
+            table_slots: 4096,
+            payload_bytes_max: payload_bytes_max_for(self.write_bytes),
+        }
+    }
+
+    fn aux_options(&self) -> AuxOptions {
+        AuxOptions {
+            listen: self.aux,
+            state_dir: self.dir.join("aux-state"),
+            psk: self.psk(),
+            geometry: self.geometry(),
+            epoch: 1,
+            // Generous: connecting verbs queue pairs in an emulated guest takes up to a second.
+            heartbeat_timeout: Duration::from_secs(3),
+            transport: self.transport.clone(),
+        }
+    }
+
+    fn dr_options(&self) -> DrOptions {
+        DrOptions {
+            listen: self.dr,
+            state_dir: self.dir.join("dr-state"),
+            volume: self.dir.join("dr.vol"),
+            psk: self.psk(),
+            geometry: self.geometry(),
+            epoch: 1,
+            aux: Some(self.aux),
+            auto_failover: false,
+            applies_inflight_max: 16,
+            transport: self.transport.clone(),
+            nbd_listen: None,
+            apply_delay: std::time::Duration::ZERO,
+            durable_order_log: false,
+        }
+    }
+
+    /// One `key=value` per line, for [`ROLE_ENV`].
+    fn encode(&self, role: FarRole) -> String {
+        let mut lines = vec![
+            format!("role={}", role.name()),
+            format!("parent={}", std::process::id()),
+            format!("dir={}", self.dir.display()),
+            format!("ring_bytes={}", self.ring_bytes),
+            format!("write_bytes={}", self.write_bytes),
+            format!("aux={}", self.aux),
+            format!("dr={}", self.dr),
+        ];
+        match &self.transport {
+            TransportChoice::Tcp => lines.push("transport=tcp".into()),
+            TransportChoice::Verbs {
+                device,
+                poll_spin,
+                inline_max_bytes,
+            } => lines.extend([
+                "transport=verbs".into(),
+                format!("device={device}"),
+                format!("poll_spin_us={}", poll_spin.as_micros()),
+                format!("inline_max_bytes={inline_max_bytes}"),
+            ]),
+        }
+        lines.join("\n")
+    }
+
+    /// The role, the parent's pid and the plan from [`SystemPlan::encode`]'s text.
+    fn decode(text: &str) -> Result<(FarRole, u32, SystemPlan), String> {
+        let fields: std::collections::HashMap<&str, &str> = text
+            .lines()
+            .filter_map(|line| line.split_once('='))
+            .collect();
+        let field = |key: &str| {
+            fields
+                .get(key)
+                .copied()
+                .ok_or_else(|| format!("{ROLE_ENV} has no {key}"))
+        };
+        let parse_error = |key: &str| format!("{ROLE_ENV}: {key} is not valid");
+        let number = |key: &str| -> Result<u64, String> {
+            field(key)?.parse().map_err(|_| parse_error(key))
+        };
+        let address = |key: &str| -> Result<SocketAddr, String> {
+            field(key)?.parse().map_err(|_| parse_error(key))
+        };
+        let role = match field("role")? {
+            "ordinal-aux" => FarRole::Aux,
+            "ordinal-dr" => FarRole::Dr,
+            other => return Err(format!("{ROLE_ENV}: no role {other:?}")),
+        };
+        let transport = match field("transport")? {
+            "tcp" => TransportChoice::Tcp,
+            "verbs" => TransportChoice::Verbs {
+                device: field("device")?.to_string(),
+                poll_spin: Duration::from_micros(number("poll_spin_us")?),
+                inline_max_bytes: u32::try_from(number("inline_max_bytes")?)
+                    .map_err(|_| parse_error("inline_max_bytes"))?,
+            },
+            other => return Err(format!("{ROLE_ENV}: no transport {other:?}")),
+        };
+        let plan = SystemPlan {
+            dir: PathBuf::from(field("dir")?),
+            ring_bytes: number("ring_bytes")?,
+            write_bytes: usize::try_from(number("write_bytes")?)
+                .map_err(|_| parse_error("write_bytes"))?,
+            transport,
+            aux: address("aux")?,
+            dr: address("dr")?,
+        };
+        let parent = u32::try_from(number("parent")?).map_err(|_| parse_error("parent"))?;
+        Ok((role, parent, plan))
+    }
+}
+
+/// Call first thing in `main` of a program that starts benchmark systems: from then on their
+/// DR and aux run as processes of their own (this program started again), as deployed roles
+/// do (see [`FarRole`] for why it matters). When this process is such a role, it runs the role
+/// and exits here, and never returns. Programs that do not call it (test harnesses, which
+/// cannot be started again as a role) keep every role on a thread of their own.
+pub fn serve_role_if_asked() {
+    ROLES_AS_PROCESSES.store(true, std::sync::atomic::Ordering::Release);
+    let Some(text) = std::env::var_os(ROLE_ENV) else {
+        return;
+    };
+    let (role, parent, plan) = match SystemPlan::decode(&text.to_string_lossy()) {
+        Ok(decoded) => decoded,
+        Err(error) => {
+            eprintln!("benchmark role: {error}");
+            std::process::exit(2);
+        }
+    };
+    // The role ends with the program that started it, even if that one is killed. (The signal
+    // comes when the thread that started it ends: systems are started from a program's main
+    // thread, or one that lives as long as the system.) Asked before the parent is checked, so
+    // that a parent that died in between is seen.
+    // SAFETY: prctl(PR_SET_PDEATHSIG) takes a signal number and changes nothing else.
+    unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) };
+    // SAFETY: getppid has no preconditions.
+    if unsafe { libc::getppid() } as u32 != parent {
+        std::process::exit(0);
+    }
+    eprintln!(
+        "benchmark role {}: running as process {}",
+        role.name(),
+        std::process::id()
+    );
+    let thread = match role {
+        FarRole::Aux => {
+            executor_thread(role.name(), Side::Far, move || run_aux(plan.aux_options()))
+        }
+        FarRole::Dr => executor_thread(role.name(), Side::Far, move || run_dr(plan.dr_options())),
+    };
+    let code = match thread.map(|thread| thread.join()) {
+        Ok(Ok(())) => 0,
+        Ok(Err(_)) => {
+            eprintln!("benchmark role {}: the executor panicked", role.name());
+            1
+        }
+        Err(error) => {
+            eprintln!("benchmark role {}: {error}", role.name());
+            1
+        }
+    };
+    std::process::exit(code);
+}
+
+/// Starts aux and DR (as processes of their own where this program can, see [`FarRole`]) and
+/// the primary on a thread, and runs `workload` on the primary's executor once it is ready.
+/// Returns what the workload sends back, after the three daemons have stopped.
 pub(crate) fn with_system<T, W, Fut>(config: &LoopbackConfig, workload: W) -> Result<T, String>
 where
     T: Send + 'static,
@@ -460,44 +720,18 @@ where
         .map_err(|error| format!("cannot create {}: {error}", dir.display()))?;
     make_volume(&dir.join("primary.vol"))?;
     make_volume(&dir.join("dr.vol"))?;
-    let psk = b"loopback-benchmark-key-0123456789".to_vec();
-    let geometry = Geometry {
-        volume_bytes: VOLUME_BYTES,
-        // 512 lets `ordinal bench` sweep from 512-byte writes; tmpfs and this machine's disks
-        // take direct I/O at that alignment.
-        sector_bytes: 512,
-        ring_bytes: config.ring_bytes,
-        table_slots: 4096,
-        payload_bytes_max: payload_bytes_max_for(config.write_bytes),
-    };
     let (aux_addr, dr_addr, primary_addr) = (free_port()?, free_port()?, free_port()?);
-    let aux = AuxOptions {
-        listen: aux_addr,
-        state_dir: dir.join("aux-state"),
-        psk: psk.clone(),
-        geometry,
-        epoch: 1,
-        // Generous: connecting verbs queue pairs in an emulated guest takes up to a second.
-        heartbeat_timeout: Duration::from_secs(3),
+    let plan = SystemPlan {
+        dir: dir.clone(),
+        ring_bytes: config.ring_bytes,
+        write_bytes: config.write_bytes,
         transport: config.transport.clone(),
+        aux: aux_addr,
+        dr: dr_addr,
     };
-    system.start("ordinal-aux", Side::Far, move || run_aux(aux))?;
-    let dr = DrOptions {
-        listen: dr_addr,
-        state_dir: dir.join("dr-state"),
-        volume: dir.join("dr.vol"),
-        psk: psk.clone(),
-        geometry,
-        epoch: 1,
-        aux: Some(aux_addr),
-        auto_failover: false,
-        applies_inflight_max: 16,
-        transport: config.transport.clone(),
-        nbd_listen: None,
-        apply_delay: std::time::Duration::ZERO,
-        durable_order_log: false,
-    };
-    system.start("ordinal-dr", Side::Far, move || run_dr(dr))?;
+    system.start_role(FarRole::Aux, &plan)?;
+    system.start_role(FarRole::Dr, &plan)?;
+    let (psk, geometry) = (plan.psk(), plan.geometry());
     let primary = PrimaryOptions {
         listen: primary_addr,
         volume: dir.join("primary.vol"),

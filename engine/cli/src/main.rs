@@ -60,6 +60,9 @@ enum Command {
 }
 
 fn main() -> ExitCode {
+    // `ordinal bench` (and `ordinal tune`, through it) runs the DR and the aux of each system it
+    // measures as this program started again; such a process runs its role here and exits.
+    ordinal_bench::loopback::serve_role_if_asked();
     let args = match config::expand(std::env::args_os().collect(), &Cli::command()) {
         Ok(args) => args,
         Err(error) => {

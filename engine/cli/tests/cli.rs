@@ -121,3 +121,51 @@ fn the_example_config_is_accepted_by_every_command() {
         assert_eq!(code, 0, "{command}: {stderr}");
     }
 }
+
+/// `ordinal bench` runs the DR and the aux of the system it measures as processes of their own,
+/// as deployed roles run (in one process, each park of one role's executor interrupted the
+/// others; see `FarRole` in the bench crate), and ends them when it is done.
+#[test]
+fn ordinal_bench_runs_the_far_roles_as_processes_and_ends_them() {
+    let out = std::env::temp_dir().join(format!("ordinal-bench-roles-{}", std::process::id()));
+    let out_text = out.display().to_string();
+    let args = [
+        "bench",
+        "--modes",
+        "order-sync",
+        "--sizes",
+        "4096",
+        "--queue-depths",
+        "1",
+        "--point-ms",
+        "300",
+        "--out",
+        &out_text,
+    ];
+    let (code, stdout, stderr) = ordinal(&args);
+    assert_eq!(code, 0, "{stdout}\n{stderr}");
+    assert!(out.join("results.json").exists(), "{stdout}");
+    let role_pids: Vec<u32> = stderr
+        .lines()
+        .filter_map(|line| {
+            let (_, pid) = line.split_once(": running as process ")?;
+            pid.trim().parse().ok()
+        })
+        .collect();
+    assert_eq!(role_pids.len(), 2, "a DR and an aux process: {stderr}");
+    assert!(
+        stderr.contains("benchmark role ordinal-dr: running as process"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("benchmark role ordinal-aux: running as process"),
+        "{stderr}"
+    );
+    for pid in role_pids {
+        assert!(
+            !std::path::Path::new(&format!("/proc/{pid}")).exists(),
+            "role process {pid} outlived the bench"
+        );
+    }
+    let _ = std::fs::remove_dir_all(&out);
+}
