@@ -665,11 +665,13 @@ pub fn serve_role_if_asked() {
     if unsafe { libc::getppid() } as u32 != parent {
         std::process::exit(0);
     }
-    eprintln!(
-        "benchmark role {}: running as process {}",
+    // One write, so that the line does not interleave with the other role's (see `log!`).
+    let line = format!(
+        "benchmark role {}: running as process {}\n",
         role.name(),
         std::process::id()
     );
+    let _ = std::io::Write::write_all(&mut std::io::stderr(), line.as_bytes());
     let thread = match role {
         FarRole::Aux => {
             executor_thread(role.name(), Side::Far, move || run_aux(plan.aux_options()))

@@ -29,9 +29,13 @@
 /// that the logs of the three roles (often three machines) can be read side by side.
 #[macro_export]
 macro_rules! log {
-    ($($arg:tt)*) => {
-        eprintln!("{} {}", $crate::log_stamp(), format_args!($($arg)*))
-    };
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        // One write per line: the roles of a system often share a terminal or a pipe, and
+        // `eprintln!` writes a line in pieces, which interleave with another process's.
+        let line = format!("{} {}\n", $crate::log_stamp(), format_args!($($arg)*));
+        let _ = std::io::stderr().write_all(line.as_bytes());
+    }};
 }
 
 pub mod admin;
