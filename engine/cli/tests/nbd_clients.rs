@@ -767,12 +767,29 @@ fn ordinal_bench_measures_a_running_primary_through_nbd_with_writes_pipelined() 
     let status = cluster.status(cluster.primary_admin);
     assert_eq!(number(&status, "acked"), 160, "{status}");
     // Without `--durable-order-log` the DR leaves its log to the page cache.
-    let dr_status = cluster.status(cluster.dr_admin);
-    assert!(
-        dr_status.contains("\"durable_order_log\":false"),
-        "{dr_status}"
-    );
+    let dr_status = writes_then_dr_status(&cluster, 40, false);
     assert_eq!(number(&dr_status, "order_log_syncs"), 0, "{dr_status}");
+}
+
+/// Writes `writes` 4 KiB blocks, one at a time, through the primary's NBD export, checks that
+/// the primary acknowledged all it has been sent so far, and returns the DR's status after
+/// checking that it says whether its order log is `durable`.
+fn writes_then_dr_status(cluster: &Cluster, writes: u64, durable: bool) -> String {
+    let acked_before = number(&cluster.status(cluster.primary_admin), "acked");
+    let output = Command::new(env!("CARGO_BIN_EXE_ordinal"))
+        .args(["bench", "--nbd", &cluster.primary_nbd.to_string()])
+        .args(["--sizes", "4096", "--queue-depths", "1"])
+        .args(["--writes", &writes.to_string()])
+        .output()
+        .unwrap();
+    let stdout = text(&output);
+    assert!(output.status.success(), "{stdout}");
+    let status = cluster.status(cluster.primary_admin);
+    assert_eq!(number(&status, "acked"), acked_before + writes, "{status}");
+    let dr_status = cluster.status(cluster.dr_admin);
+    let said = format!("\"durable_order_log\":{durable}");
+    assert!(dr_status.contains(&said), "{dr_status}");
+    dr_status
 }
 
 #[test]
@@ -782,20 +799,7 @@ fn a_dr_with_a_durable_order_log_syncs_it_before_each_acknowledgement() {
     // least 40 syncs; and that the writes are acknowledged as usual meanwhile. (The test above
     // checks that a DR without the flag never syncs.)
     let cluster = Cluster::start_with("durable-log", &["--durable-order-log"]);
-    let output = Command::new(env!("CARGO_BIN_EXE_ordinal"))
-        .args(["bench", "--nbd", &cluster.primary_nbd.to_string()])
-        .args(["--sizes", "4096", "--queue-depths", "1", "--writes", "40"])
-        .output()
-        .unwrap();
-    let stdout = text(&output);
-    assert!(output.status.success(), "{stdout}");
-    let status = cluster.status(cluster.primary_admin);
-    assert_eq!(number(&status, "acked"), 40, "{status}");
-    let dr_status = cluster.status(cluster.dr_admin);
-    assert!(
-        dr_status.contains("\"durable_order_log\":true"),
-        "{dr_status}"
-    );
+    let dr_status = writes_then_dr_status(&cluster, 40, true);
     let syncs = number(&dr_status, "order_log_syncs");
     assert!(syncs >= 40, "{syncs} syncs for 40 writes: {dr_status}");
     // A promotion is synced too, before the DR reports it.
