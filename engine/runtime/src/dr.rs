@@ -528,8 +528,8 @@ fn execute_actions(
             DrAction::Send(message) => {
                 // Every message the DR sends may acknowledge order records (answers, credits,
                 // hello), so the log is made durable once per pass, before the first of them.
-                // msync blocks this executor until the device has the pages: nothing else of
-                // this DR may go out before them anyway.
+                // msync blocks this executor until the device has the pages, so the DR's other
+                // work (placing payloads, applies) waits meanwhile: the price of the option.
                 if !log_is_durable {
                     node.dr.log().flush().map_err(|error| {
                         format!(
