@@ -129,10 +129,16 @@ fn lane_shift_tables() -> &'static (ShiftTables, ShiftTables) {
     })
 }
 
-/// The raw state (no initial or final inversion) after `n` zero bytes, bit by bit: only used to
-/// build the tables, once.
-fn shift_by_zero_bytes(mut state: u32, n: usize) -> u32 {
-    for _ in 0..8 * n {
+/// The raw state (no initial or final inversion) after `n` zero bytes: only used to build the
+/// tables, once.
+fn shift_by_zero_bytes(state: u32, n: usize) -> u32 {
+    shift_by_zero_bits(state, 8 * n)
+}
+
+/// The raw state after `bits` zero bits, one at a time: each is a multiplication by `x` mod P
+/// (bit 0 of the register is the coefficient of x^31). Only used to build tables, once.
+fn shift_by_zero_bits(mut state: u32, bits: usize) -> u32 {
+    for _ in 0..bits {
         state = (state >> 1) ^ (POLYNOMIAL & 0u32.wrapping_sub(state & 1));
     }
     state
@@ -277,14 +283,10 @@ fn fold_multipliers(chunks: usize) -> [u64; 2] {
     [reversed(bits + 63), reversed(bits - 1)]
 }
 
-/// `x^power mod P` as the CRC register holds it (bit 0 the coefficient of x^31): starting from
-/// the register for 1, multiply by `x` `power` times. Only used to build the table, once.
+/// `x^power mod P` as the CRC register holds it: the register for 1 (its top coefficient, bit
+/// 31) moved `power` bits on.
 fn x_to_the_mod_p(power: usize) -> u32 {
-    let mut state = 0x8000_0000u32;
-    for _ in 0..power {
-        state = (state >> 1) ^ (POLYNOMIAL & 0u32.wrapping_sub(state & 1));
-    }
-    state
+    shift_by_zero_bits(0x8000_0000, power)
 }
 
 /// Multipliers for moving a lane 1 to 16 lanes forward (index = lanes; 0 unused).
