@@ -161,6 +161,16 @@ fn ordinal_bench_runs_the_far_roles_as_processes_and_ends_them() {
         stderr.contains("benchmark role ordinal-aux: running as process"),
         "{stderr}"
     );
+    // The DR and the aux share a CPU; order-sync acknowledgements wait for the DR only, so
+    // the aux yields to it.
+    assert!(
+        stderr.contains("benchmark role ordinal-aux: nice 19 (the order-sync acknowledgements"),
+        "{stderr}"
+    );
+    assert!(
+        !stderr.contains("benchmark role ordinal-dr: nice"),
+        "{stderr}"
+    );
     for pid in role_pids {
         assert!(
             !std::path::Path::new(&format!("/proc/{pid}")).exists(),
