@@ -516,9 +516,10 @@ impl FarRole {
     ///
     /// Not in `async`, although its acknowledgements wait for the aux (the status entry) and
     /// not for the DR: there the DR's progress is the recovery point, and a DR at nice 19 fell
-    /// behind (`ordinal bench`, 4 KiB, one write at a time: lag at most 10-16 ops against 3;
-    /// at 16 in flight 58.5 k writes/s against 65-84 k), so both far roles keep the same
-    /// priority.
+    /// behind. `ordinal bench`, 4 KiB, one write at a time, four runs each: lag at most 10, 16,
+    /// 10 and 307 ops against 3 or 4 at the same priority, for a write-ack p50 of 81-108 us
+    /// against 122-155 us. So both far roles keep the same priority in `async`: its latency is
+    /// not the figure its users choose it for.
     fn yields_cpu_in(self, mode: Mode) -> bool {
         self == FarRole::Aux && matches!(mode, Mode::OrderSync | Mode::Sync)
     }

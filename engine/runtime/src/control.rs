@@ -28,7 +28,11 @@ use sha2::Sha256;
 
 use crate::transport::RegionDescriptor;
 
-pub const CONTROL_VERSION: u16 = 1;
+/// The version of the control channel and of the transport's frames after it, so that peers
+/// that would not understand each other's frames part at the handshake with a clear error.
+/// 2: frame header byte 5 carries flags (`transport::FRAME_FLAG_ACK_MAY_WAIT`); version 1
+/// refused any nonzero byte there.
+pub const CONTROL_VERSION: u16 = 2;
 const HELLO_MAGIC: [u8; 4] = *b"ORDC";
 const NONCE_BYTES: usize = 32;
 const MAC_BYTES: usize = 32;
@@ -654,10 +658,10 @@ mod tests {
             Hello::decode(&hello),
             Err(ControlError::Malformed(_))
         ));
-        hello[4] = 2;
+        hello[4..6].copy_from_slice(&(CONTROL_VERSION + 1).to_le_bytes());
         assert!(matches!(
             Hello::decode(&hello),
-            Err(ControlError::Version { theirs: 2, .. })
+            Err(ControlError::Version { theirs, .. }) if theirs == CONTROL_VERSION + 1
         ));
         hello[0] = b'X';
         assert_eq!(Hello::decode(&hello).unwrap_err(), ControlError::NotOrdinal);

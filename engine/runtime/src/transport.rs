@@ -23,7 +23,9 @@
 //! [`FRAME_PAYLOAD_BYTES_MAX`] bytes of payload. The responder acknowledges requests
 //! cumulatively, as a NIC coalesces its ACKs: one-sided requests after each burst it processed,
 //! SENDs with its next frame or after `DELAYED_ACK` (a SEND's completion gates nothing in the
-//! protocol, and an ACK on its own costs a send(2) on both ends over loopback).
+//! protocol, and an ACK on its own costs a send(2) on both ends over loopback), and so are
+//! WRITEs whose initiator marked them [`FRAME_FLAG_ACK_MAY_WAIT`] (like InfiniBand's AckReq bit
+//! left clear: see [`QueuePair::post_write_unhurried`]).
 //!
 //! # Backends
 //! A [`QueuePair`] is either this TCP emulation ([`QueuePair::start`]) or, with the `verbs`
@@ -64,7 +66,8 @@ pub const TRANSPORT_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// How long the ACK of a peer's SEND may wait for a frame of ours to ride on. A peer's one-sided
 /// WRITE or READ is acknowledged at once (its protocol waits on those completions: payloads in
-/// sync mode, status entries, heartbeats), but no role waits on the completion of a SEND: its
+/// sync mode, status entries, heartbeats) unless the peer marked the WRITE
+/// [`FRAME_FLAG_ACK_MAY_WAIT`], but no role waits on the completion of a SEND: its
 /// answer, if any, is a message of the protocol. Over loopback a send(2) costs both processes
 /// the receive path of the other socket, so at one write in flight an ACK sent on its own was a
 /// syscall on the critical path of every write (the primary acknowledging the DR's answer to an
@@ -72,9 +75,14 @@ pub const TRANSPORT_TIMEOUT: Duration = Duration::from_secs(5);
 /// ACK, but short: a millisecond is far below `TRANSPORT_TIMEOUT` and bounds how long a peer's
 /// send queue holds completed SENDs.
 const DELAYED_ACK: Duration = Duration::from_millis(1);
-/// Peer SENDs left unacknowledged at most, whatever the time: a burst of the peer's messages is
-/// acknowledged at once past this.
-const DELAYED_ACK_SENDS_MAX: u64 = 64;
+/// Peer requests (SENDs and unhurried WRITEs) left unacknowledged at most, whatever the time:
+/// a burst of them is acknowledged at once past this.
+const DELAYED_ACK_REQUESTS_MAX: u64 = 64;
+
+/// Frame flag (header byte 5) of a WRITE whose initiator does not need its ACK at once: the
+/// responder acknowledges it as it does a SEND. Any other flag, or this one on another kind of
+/// frame, is a protocol error.
+pub const FRAME_FLAG_ACK_MAY_WAIT: u8 = 1;
 
 /// What a peer needs to access one of our regions remotely.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -407,6 +415,8 @@ impl FrameKind {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 struct FrameHeader {
     kind: FrameKind,
+    /// `FRAME_FLAG_*` bits.
+    flags: u8,
     payload_len: u32,
     imm: u32,
     value: u64,
@@ -417,7 +427,7 @@ struct FrameHeader {
 impl FrameHeader {
     fn encode(&self, out: &mut Vec<u8>) {
         out.extend_from_slice(&FRAME_MAGIC.to_le_bytes());
-        out.extend_from_slice(&[self.kind as u8, 0, 0, 0]);
+        out.extend_from_slice(&[self.kind as u8, self.flags, 0, 0]);
         out.extend_from_slice(&self.payload_len.to_le_bytes());
         out.extend_from_slice(&self.imm.to_le_bytes());
         out.extend_from_slice(&self.value.to_le_bytes());
@@ -433,8 +443,15 @@ impl FrameHeader {
         }
         let kind = FrameKind::from_u8(bytes[4])
             .ok_or_else(|| format!("unknown frame kind {}", bytes[4]))?;
-        if bytes[5..8] != [0, 0, 0] {
+        if bytes[6..8] != [0, 0] {
             return Err("reserved frame bytes are not zero".into());
+        }
+        let flags = bytes[5];
+        if flags & !FRAME_FLAG_ACK_MAY_WAIT != 0 {
+            return Err(format!("unknown frame flags {flags:#04x}"));
+        }
+        if flags != 0 && !matches!(kind, FrameKind::Write | FrameKind::WriteWithImm) {
+            return Err(format!("frame flags {flags:#04x} on a {kind:?} frame"));
         }
         let payload_len = u32_at(8);
         if payload_len as usize > FRAME_PAYLOAD_BYTES_MAX {
@@ -444,6 +461,7 @@ impl FrameHeader {
         }
         Ok(FrameHeader {
             kind,
+            flags,
             payload_len,
             imm: u32_at(12),
             value: u64::from_le_bytes(bytes[16..24].try_into().expect("8 bytes")),
@@ -619,7 +637,29 @@ impl QueuePair {
         imm: Option<u32>,
     ) -> Result<(), PostError> {
         match &self.backend {
-            Backend::Tcp(pair) => pair.post_write(wr_id, bytes, remote_addr, rkey, imm),
+            Backend::Tcp(pair) => pair.post_write(wr_id, bytes, remote_addr, rkey, imm, false),
+            #[cfg(feature = "verbs")]
+            Backend::Verbs(handle) => handle.post_write(wr_id, bytes, remote_addr, rkey, imm),
+        }
+    }
+
+    /// [`QueuePair::post_write`] for a write whose completion nobody waits on soon: over TCP
+    /// the responder may hold its ACK back as it does a SEND's, until it sends us a frame
+    /// anyway, `DELAYED_ACK` passes or `DELAYED_ACK_REQUESTS_MAX` requests are owed, so the
+    /// completion can come up to a millisecond late. That saves the responder a send(2), and us
+    /// a wake-up, per write. Over verbs the NIC acknowledges as it always does. A caller that
+    /// keeps a window of such writes in flight must post one with `post_write` before the
+    /// window closes, or wait out the delay.
+    pub fn post_write_unhurried(
+        &self,
+        wr_id: u64,
+        bytes: &[u8],
+        remote_addr: u64,
+        rkey: u32,
+        imm: Option<u32>,
+    ) -> Result<(), PostError> {
+        match &self.backend {
+            Backend::Tcp(pair) => pair.post_write(wr_id, bytes, remote_addr, rkey, imm, true),
             #[cfg(feature = "verbs")]
             Backend::Verbs(handle) => handle.post_write(wr_id, bytes, remote_addr, rkey, imm),
         }
@@ -707,6 +747,7 @@ impl TcpPair {
             Opcode::Send,
             FrameHeader {
                 kind: FrameKind::Send,
+                flags: 0,
                 payload_len: 0,
                 imm: 0,
                 value: 0,
@@ -724,6 +765,7 @@ impl TcpPair {
         remote_addr: u64,
         rkey: u32,
         imm: Option<u32>,
+        ack_may_wait: bool,
     ) -> Result<(), PostError> {
         let (kind, opcode) = match imm {
             Some(_) => (FrameKind::WriteWithImm, Opcode::WriteWithImm),
@@ -734,6 +776,11 @@ impl TcpPair {
             opcode,
             FrameHeader {
                 kind,
+                flags: if ack_may_wait {
+                    FRAME_FLAG_ACK_MAY_WAIT
+                } else {
+                    0
+                },
                 payload_len: 0,
                 imm: imm.unwrap_or(0),
                 value: remote_addr,
@@ -759,6 +806,7 @@ impl TcpPair {
             Opcode::Read,
             FrameHeader {
                 kind: FrameKind::Read,
+                flags: 0,
                 payload_len: 0,
                 imm: 0,
                 value: remote_addr,
@@ -926,8 +974,8 @@ async fn reader_task(state: Rc<QpState>, mut reader: futures_lite::io::ReadHalf<
                 encode_ack(&state, &mut state.out.borrow_mut());
                 let _ = state.wake_writer.try_send(());
             }
-        } else if handled == Handled::PeerSend && !state.down.get() {
-            if state.processed.get() - state.processed_acked.get() >= DELAYED_ACK_SENDS_MAX {
+        } else if handled == Handled::Deferrable && !state.down.get() {
+            if state.processed.get() - state.processed_acked.get() >= DELAYED_ACK_REQUESTS_MAX {
                 encode_ack(&state, &mut state.out.borrow_mut());
                 let _ = state.wake_writer.try_send(());
             } else {
@@ -943,8 +991,9 @@ async fn reader_task(state: Rc<QpState>, mut reader: futures_lite::io::ReadHalf<
 enum Handled {
     /// An answer of the peer to a request of ours: nothing to acknowledge.
     Answer,
-    /// A SEND of the peer: acknowledged with our next frame or after `DELAYED_ACK`.
-    PeerSend,
+    /// A SEND of the peer, or a WRITE it marked `FRAME_FLAG_ACK_MAY_WAIT`: acknowledged with
+    /// our next frame or after `DELAYED_ACK`.
+    Deferrable,
     /// A one-sided request of the peer: acknowledged at once.
     PeerOneSided,
 }
@@ -953,6 +1002,7 @@ enum Handled {
 fn encode_ack(state: &QpState, out: &mut Vec<u8>) {
     FrameHeader {
         kind: FrameKind::Ack,
+        flags: 0,
         payload_len: 0,
         imm: 0,
         value: state.processed.get(),
@@ -998,7 +1048,7 @@ async fn handle_frame(
                 })
                 .await
                 .map_err(|_| String::from("role stopped"))?;
-            Ok(Handled::PeerSend)
+            Ok(Handled::Deferrable)
         }
         FrameKind::Write | FrameKind::WriteWithImm => {
             let placed = state.regions.access(
@@ -1023,7 +1073,11 @@ async fn handle_frame(
                     .await
                     .map_err(|_| String::from("role stopped"))?;
             }
-            Ok(Handled::PeerOneSided)
+            if header.flags & FRAME_FLAG_ACK_MAY_WAIT != 0 {
+                Ok(Handled::Deferrable)
+            } else {
+                Ok(Handled::PeerOneSided)
+            }
         }
         FrameKind::Read => {
             if header.payload_len != 0 {
@@ -1039,6 +1093,7 @@ async fn handle_frame(
             let start = out.len();
             FrameHeader {
                 kind: FrameKind::ReadResponse,
+                flags: 0,
                 payload_len: header.aux,
                 imm: 0,
                 value: 0,
@@ -1159,6 +1214,7 @@ fn nak(state: &QpState, status: u32) {
     let mut out = state.out.borrow_mut();
     FrameHeader {
         kind: FrameKind::Nak,
+        flags: 0,
         payload_len: 0,
         imm: 0,
         value: state.processed.get(),
@@ -1265,7 +1321,7 @@ mod tests {
         // order, and nothing stays outstanding.
         run(|| async {
             let ((sender, sender_events), (_receiver, receiver_events)) = connected_pairs().await;
-            let sends = 3 * DELAYED_ACK_SENDS_MAX + 5;
+            let sends = 3 * DELAYED_ACK_REQUESTS_MAX + 5;
             for wr_id in 0..sends {
                 sender.post_send(wr_id, &wr_id.to_le_bytes()).expect("post");
             }
@@ -1341,5 +1397,138 @@ mod tests {
             }
             assert_eq!(answerer.outstanding(), 0);
         });
+    }
+
+    /// Plain memory for a test region.
+    struct TestMemory(RefCell<Vec<u8>>);
+
+    impl RegionMemory for TestMemory {
+        fn with_bytes(&self, f: &mut dyn FnMut(&mut [u8])) {
+            f(&mut self.0.borrow_mut())
+        }
+    }
+
+    /// A writer and a target pair over loopback, the target exposing `len` bytes for remote
+    /// writes; returns the pairs, the target's memory and the region's descriptor.
+    async fn write_target(
+        len: usize,
+    ) -> (
+        (QueuePair, LocalReceiver<TransportEvent>),
+        (QueuePair, LocalReceiver<TransportEvent>),
+        Rc<TestMemory>,
+        RegionDescriptor,
+    ) {
+        let listener = glommio::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let addr = listener.local_addr().expect("address");
+        let (connected, accepted) =
+            futures_lite::future::zip(TcpStream::connect(addr), async { listener.accept().await })
+                .await;
+        let memory = Rc::new(TestMemory(RefCell::new(vec![0u8; len])));
+        let table = RegionTable::new();
+        let region = table
+            .try_register(memory.clone(), len as u64, ACCESS_REMOTE_WRITE)
+            .expect("register");
+        let (writer_tx, writer_rx) = local_channel::new_bounded(1024);
+        let (target_tx, target_rx) = local_channel::new_bounded(1024);
+        let writer = QueuePair::start(
+            connected.expect("connect"),
+            RegionTable::new(),
+            Rc::new(writer_tx),
+        );
+        let target = QueuePair::start(accepted.expect("accept"), table, Rc::new(target_tx));
+        ((writer, writer_rx), (target, target_rx), memory, region)
+    }
+
+    #[test]
+    fn an_unhurried_write_is_placed_at_once_and_acknowledged_late() {
+        // The bytes and the immediate reach the target as soon as the frame does; only the ACK
+        // waits, for the delayed-ACK timer here, since the target sends nothing else.
+        run(|| async {
+            let ((writer, writer_events), (_target, target_events), memory, region) =
+                write_target(4096).await;
+            let posted = std::time::Instant::now();
+            writer
+                .post_write_unhurried(5, &[0xAB; 512], region.addr + 1024, region.rkey, Some(77))
+                .expect("post");
+            match target_events.recv().await.expect("events") {
+                TransportEvent::ReceivedImm { imm, .. } => assert_eq!(imm, 77),
+                other => panic!("expected the immediate, got {other:?}"),
+            }
+            assert!(memory.0.borrow()[1024..1536]
+                .iter()
+                .all(|&byte| byte == 0xAB));
+            assert!(memory.0.borrow()[..1024].iter().all(|&byte| byte == 0));
+            assert_eq!(
+                next_completion(&writer_events).await,
+                (5, WorkStatus::Success)
+            );
+            assert!(
+                posted.elapsed() >= DELAYED_ACK,
+                "the ACK of an unhurried write waits for the delayed-ACK timer"
+            );
+            assert_eq!(writer.outstanding(), 0);
+        });
+    }
+
+    #[test]
+    fn a_burst_of_unhurried_writes_completes_in_full_and_in_order() {
+        // More unhurried writes than may wait for a delayed ACK, then a few more, then an
+        // ordinary write: every one completes, in posting order, and nothing stays outstanding.
+        run(|| async {
+            let ((writer, writer_events), (_target, _target_events), memory, region) =
+                write_target(64 << 10).await;
+            let writes = 3 * DELAYED_ACK_REQUESTS_MAX + 5;
+            for wr_id in 0..writes {
+                let at = region.addr + wr_id % 128 * 512;
+                writer
+                    .post_write_unhurried(wr_id, &[wr_id as u8; 512], at, region.rkey, None)
+                    .expect("post");
+            }
+            writer
+                .post_write(writes, &[0xEE; 512], region.addr, region.rkey, None)
+                .expect("post");
+            for wr_id in 0..=writes {
+                assert_eq!(
+                    next_completion(&writer_events).await,
+                    (wr_id, WorkStatus::Success)
+                );
+            }
+            assert_eq!(writer.outstanding(), 0);
+            assert!(memory.0.borrow()[..512].iter().all(|&byte| byte == 0xEE));
+        });
+    }
+
+    #[test]
+    fn frame_flags_are_checked() {
+        // The one flag there is decodes on a WRITE; unknown bits, or the flag on another kind
+        // of frame, are refused rather than ignored.
+        let encoded = |kind: FrameKind, flags: u8| {
+            let mut bytes = Vec::new();
+            FrameHeader {
+                kind,
+                flags,
+                payload_len: 0,
+                imm: 0,
+                value: 0,
+                rkey: 0,
+                aux: 0,
+            }
+            .encode(&mut bytes);
+            bytes
+        };
+        for kind in [FrameKind::Write, FrameKind::WriteWithImm] {
+            let header = FrameHeader::decode(&encoded(kind, FRAME_FLAG_ACK_MAY_WAIT));
+            assert_eq!(header.map(|h| h.flags), Ok(FRAME_FLAG_ACK_MAY_WAIT));
+            let error = FrameHeader::decode(&encoded(kind, 0x80)).unwrap_err();
+            assert!(error.contains("unknown frame flags"), "{error}");
+        }
+        for kind in [FrameKind::Send, FrameKind::Read, FrameKind::Ack] {
+            let error = FrameHeader::decode(&encoded(kind, FRAME_FLAG_ACK_MAY_WAIT)).unwrap_err();
+            assert!(error.contains("frame flags"), "{error}");
+        }
+        let mut reserved = encoded(FrameKind::Write, 0);
+        reserved[7] = 1;
+        let error = FrameHeader::decode(&reserved).unwrap_err();
+        assert!(error.contains("reserved"), "{error}");
     }
 }
