@@ -504,8 +504,10 @@ impl FarRole {
     /// waited for the aux to finish and park (seen with ftrace, `sched_switch` and the
     /// roles' `sendto`/`recvfrom`: the DR was woken, then ran only once the aux slept, about
     /// 30 us later under tracing). Neither the DR nor the aux slows the other on machines of
-    /// their own; at nice 19 the role off the acknowledgement path yields the CPU as soon as
-    /// the other one wakes, which is the nearest two CPUs come to that. Measured with the
+    /// their own; at nice 19 the role off the acknowledgement path mostly yields the CPU as
+    /// soon as the other one wakes, which is the nearest two CPUs come to that. Not always:
+    /// when the DR's own io_uring worker preempts it, the scheduler may run the aux next,
+    /// ahead of the runnable DR (seen in the p99 tail). Measured with the
     /// loopback benchmark (4 KiB, `--samples 1000 --seconds 2`, three runs each, alternated),
     /// write-ack p50 and throughput at queue depth 32:
     /// - order-sync: 133.8-159.7 us and 73-78 k writes/s both at nice 0; 98.0-112.6 us and
@@ -516,9 +518,9 @@ impl FarRole {
     ///
     /// Not in `async`, although its acknowledgements wait for the aux (the status entry) and
     /// not for the DR: there the DR's progress is the recovery point, and a DR at nice 19 fell
-    /// behind. `ordinal bench`, 4 KiB, one write at a time, four runs each: lag at most 10, 16,
-    /// 10 and 307 ops against 3 or 4 at the same priority, for a write-ack p50 of 81-108 us
-    /// against 122-155 us. So both far roles keep the same priority in `async`: its latency is
+    /// behind. `ordinal bench`, 4 KiB, one write at a time, four runs with the DR at nice 19
+    /// and seven at the same priority: lag at most 10, 16, 10 and 307 ops against 3 or 4, for
+    /// a write-ack p50 of 81-108 us against 122-155 us. So both far roles keep the same priority in `async`: its latency is
     /// not the figure its users choose it for.
     fn yields_cpu_in(self, mode: Mode) -> bool {
         self == FarRole::Aux && matches!(mode, Mode::OrderSync | Mode::Sync)

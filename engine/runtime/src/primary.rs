@@ -855,7 +855,7 @@ fn execute_actions(node: &mut PrimaryNode, local: &Sender<PrimaryEvent>) {
                     // back and save a send(2) per write. Measured with the loopback benchmark
                     // (4 KiB, one write at a time, eight alternated runs): order-sync write-ack
                     // p50 94.3 us with every ACK at once, 76.7 us unhurried (medians); the lag
-                    // at one write in flight then reads up to 20 ops instead of 2. Not in sync
+                    // at one write in flight then reads up to 15-21 ops instead of 2. Not in sync
                     // (its acknowledgements wait for the payload), nor in async, whose users
                     // watch the lag as their recovery point: there (`ordinal bench`, 4 KiB,
                     // three alternated runs) unhurried writes left write-ack p50 at one write in
