@@ -19,8 +19,10 @@ use std::time::{Duration, Instant};
 
 use clap::Args;
 
+use ordinal_runtime::transport::TRANSPORT_TIMEOUT;
 use ordinal_sim::rng::Rng;
 
+use crate::relay::Relay;
 use crate::report::LossSummary;
 
 pub(crate) const VOLUME_BYTES: u64 = 64 << 20;
@@ -37,7 +39,11 @@ pub struct DemoArgs {
     #[arg(long, default_value_t = 1)]
     pub seed: u64,
     /// Which node to kill -9 under load: primary, or dr / aux (killed and restarted under load,
-    /// then the primary is killed).
+    /// then the primary is killed), or link: the primary-DR link falls silent under load (a
+    /// relay holds every byte and closes nothing), in odd-seeded runs for longer than the
+    /// transport timeout so that the connections fail and are dialled again; every third run
+    /// kills the primary while the link is still silent, the others once it carries again and
+    /// a write sent after that was acknowledged. tcp only.
     #[arg(long, default_value = "primary")]
     pub kill: String,
     /// Writes acknowledged before the kill, at most (the instant is drawn per run).
@@ -146,6 +152,8 @@ impl Drop for Node {
 
 /// What one run established.
 pub struct RunOutcome {
+    /// What was done to the system before the failover, in words.
+    pub fault: String,
     pub sent: u64,
     pub acked: u64,
     pub report: LossSummary,
@@ -302,6 +310,17 @@ pub fn run_once(args: &DemoArgs, exe: &Path, seed: u64, dir: &Path) -> Result<Ru
     ]);
     let (mut dr, addrs) = spawn(exe, &dr_args, &dir.join("dr.log"), &["listening on"])?;
     let dr_addr = addrs[0];
+    // The primary reaches the DR through the relay when the link is what fails.
+    let relay = match kill {
+        "link" if args.transport != "tcp" => {
+            return Err(String::from(
+                "--kill link needs --transport tcp: its relay carries TCP connections",
+            ))
+        }
+        "link" => Some(Relay::start(dr_addr)?),
+        _ => None,
+    };
+    let primary_dials = relay.as_ref().map_or(dr_addr, Relay::addr);
     let mut primary_args = common("primary");
     primary_args.extend([
         "--listen".into(),
@@ -311,7 +330,7 @@ pub fn run_once(args: &DemoArgs, exe: &Path, seed: u64, dir: &Path) -> Result<Ru
         "--volume".into(),
         path("primary.vol"),
         "--dr".into(),
-        dr_addr.to_string(),
+        primary_dials.to_string(),
         "--aux".into(),
         aux_addr.to_string(),
     ]);
@@ -324,8 +343,45 @@ pub fn run_once(args: &DemoArgs, exe: &Path, seed: u64, dir: &Path) -> Result<Ru
     let (workload, threads) = start_workload(addrs[1], seed)?;
     let kill_after = 1 + below(&mut rng, writes_max.max(1));
     let limit = Duration::from_secs(60);
+    let mut fault = format!("kill {kill}");
+    let mut killed_while_silent = false;
     match kill {
         "primary" => {}
+        "link" => {
+            let relay = relay.as_ref().expect("started above for a link fault");
+            wait_for_acks(&workload, kill_after / 2, limit)?;
+            // Odd seeds hold the link silent past the transport timeout: the queue pairs fail
+            // and the primary dials again (into a link that still carries nothing, at first).
+            // Even seeds keep it shorter: the connections survive and their bytes arrive late.
+            let silence = if seed % 2 == 1 {
+                TRANSPORT_TIMEOUT + Duration::from_millis(500 + below(&mut rng, 2000))
+            } else {
+                Duration::from_millis(200 + below(&mut rng, 2000))
+            };
+            relay.set_silent(true);
+            if seed.is_multiple_of(3) {
+                // The disaster the aux is there for: the DR cut off, then the primary lost.
+                let until_kill = silence.mul_f64((1 + below(&mut rng, 9)) as f64 / 10.0);
+                std::thread::sleep(until_kill);
+                killed_while_silent = true;
+                fault = format!(
+                    "link silent ({:.1} s so far), kill primary",
+                    until_kill.as_secs_f64()
+                );
+            } else {
+                std::thread::sleep(silence);
+                relay.set_silent(false);
+                // Service resumed: a write sent after the link returned was acknowledged
+                // (acknowledgements beyond the writes sent before cannot be of those).
+                let sent_before = workload.writes.lock().expect("lock").len() as u64;
+                wait_for_acks(&workload, sent_before + 1, limit)
+                    .map_err(|error| format!("after the link carried again: {error}"))?;
+                fault = format!(
+                    "link silent {:.1} s, carried again, kill primary",
+                    silence.as_secs_f64()
+                );
+            }
+        }
         "dr" | "aux" => {
             wait_for_acks(&workload, kill_after / 2, limit)?;
             let node = if kill == "dr" { &mut dr } else { &mut aux };
@@ -346,13 +402,15 @@ pub fn run_once(args: &DemoArgs, exe: &Path, seed: u64, dir: &Path) -> Result<Ru
         }
         other => {
             return Err(format!(
-                "unknown node to kill {other:?}: use primary, dr or aux"
+                "unknown node to kill {other:?}: use primary, dr, aux or link"
             ))
         }
     }
-    wait_for_acks(&workload, kill_after, limit)?;
-    // Let a random slice of in-flight work proceed, then crash the primary mid-flight.
-    std::thread::sleep(Duration::from_micros(below(&mut rng, 3000)));
+    if !killed_while_silent {
+        wait_for_acks(&workload, kill_after, limit)?;
+        // Let a random slice of in-flight work proceed, then crash the primary mid-flight.
+        std::thread::sleep(Duration::from_micros(below(&mut rng, 3000)));
+    }
     primary.kill();
     workload.stop.store(true, Ordering::Relaxed);
     let psk = key.into_bytes();
@@ -372,6 +430,16 @@ pub fn run_once(args: &DemoArgs, exe: &Path, seed: u64, dir: &Path) -> Result<Ru
     }
     dr.kill();
     aux.kill();
+    drop(relay);
+    if kill == "link" {
+        // What the primary made of the silence, from its log: a silence past the transport
+        // timeout fails the connections, a shorter one must not.
+        let log = std::fs::read_to_string(dir.join("primary.log")).unwrap_or_default();
+        let downs = log.matches("primary: DR link down").count();
+        fault.push_str(&format!(
+            " (the primary's DR link went down {downs} time(s))"
+        ));
+    }
     let observed = Observed {
         dr_volume_at_promotion,
         dr_volume_at_end: read(dir.join("dr.vol"))?,
@@ -384,6 +452,7 @@ pub fn run_once(args: &DemoArgs, exe: &Path, seed: u64, dir: &Path) -> Result<Ru
     let acked_lost = acked_lost(&report, &acked);
     let latencies_us = workload.latencies_us.lock().expect("lock").clone();
     Ok(RunOutcome {
+        fault,
         sent: writes.len() as u64,
         acked: acked.iter().filter(|a| **a).count() as u64,
         report,
@@ -574,13 +643,13 @@ pub fn run(args: DemoArgs) -> Result<ExitCode, String> {
         };
         if args.quiet {
             println!(
-                "seed {seed}: kill {} after {} acked of {} sent; cut {}, {} applied from the ring at failover ({} through the aux table), {} lost ({} of them acked): {verdict} ({:.1} s)",
-                args.kill, outcome.acked, outcome.sent, outcome.report.cut,
+                "seed {seed}: {} after {} acked of {} sent; cut {}, {} applied from the ring at failover ({} through the aux table), {} lost ({} of them acked): {verdict} ({:.1} s)",
+                outcome.fault, outcome.acked, outcome.sent, outcome.report.cut,
                 outcome.report.applied_landed + outcome.report.applied_from_ring, outcome.report.applied_from_ring,
                 outcome.report.lost.len(), outcome.acked_lost, outcome.elapsed.as_secs_f64()
             );
         } else {
-            print_full(&outcome, &args.kill);
+            print_full(&outcome);
         }
         for violation in &outcome.violations {
             println!("  {violation}");
@@ -616,16 +685,17 @@ pub fn run(args: DemoArgs) -> Result<ExitCode, String> {
     })
 }
 
-fn print_full(outcome: &RunOutcome, kill: &str) {
+fn print_full(outcome: &RunOutcome) {
     let h = &outcome.latencies_us;
     println!(
         "{} writes sent, {} acknowledged (order-sync) before the primary was killed{}",
         outcome.sent,
         outcome.acked,
-        if kill == "primary" {
-            String::new()
-        } else {
-            format!(" (the {kill} was killed and restarted under load first)")
+        match outcome.fault.as_str() {
+            "kill primary" => String::new(),
+            "kill dr" => String::from(" (the DR was killed and restarted under load first)"),
+            "kill aux" => String::from(" (the aux was killed and restarted under load first)"),
+            link => format!(" ({link})"),
         }
     );
     println!(

@@ -14,6 +14,7 @@ mod config;
 mod demo;
 mod drive;
 mod node;
+mod relay;
 mod report;
 mod sim;
 mod tune;

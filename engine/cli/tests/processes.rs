@@ -96,6 +96,48 @@ fn kill_and_restart_the_aux_under_load() {
     demo("aux", 4, 3000, 600);
 }
 
+#[test]
+fn the_primary_dr_link_falls_silent_under_load_and_nothing_is_lost() {
+    // Checks the link between primary and DR falling silent under load (a relay holds every
+    // byte and closes nothing, as a link that drops every packet), each run verified like the
+    // kills above. Seeds 1 to 4 give: 1, silent past the 5 s transport timeout, so both sides
+    // fail the connections and the primary dials again and resends what the DR lacks; 2 and 4,
+    // a shorter silence that the connections ride out; 3, the primary killed while the link
+    // is still silent, so the writes the DR never heard of are in the loss report.
+    let stdout = demo("link", 4, 1, 600);
+    let line = |seed: u64| {
+        stdout
+            .lines()
+            .find(|line| line.starts_with(&format!("seed {seed}: ")))
+            .unwrap_or_else(|| panic!("no line for seed {seed}:\n{stdout}"))
+    };
+    let downs = |seed: u64| -> usize {
+        let line = line(seed);
+        let (_, after) = line
+            .split_once("DR link went down ")
+            .unwrap_or_else(|| panic!("no link count in {line:?}"));
+        after
+            .split(' ')
+            .next()
+            .and_then(|count| count.parse().ok())
+            .unwrap_or_else(|| panic!("no link count in {line:?}"))
+    };
+    assert!(line(1).contains("carried again"), "{stdout}");
+    assert!(
+        downs(1) >= 1,
+        "a silence past the timeout failed no connection:\n{stdout}"
+    );
+    for seed in [2, 4] {
+        assert!(line(seed).contains("carried again"), "{stdout}");
+        assert_eq!(
+            downs(seed),
+            0,
+            "a short silence failed a connection:\n{stdout}"
+        );
+    }
+    assert!(line(3).contains("so far), kill primary"), "{stdout}");
+}
+
 struct Daemon(std::process::Child);
 impl Drop for Daemon {
     fn drop(&mut self) {
