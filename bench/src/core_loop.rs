@@ -41,6 +41,9 @@ enum Step {
     AuxDone(AuxWriteTag),
 }
 
+/// The daemons' default ring (`--ring-mib 64`).
+pub const RING_BYTES_DEFAULT: u64 = 64 << 20;
+
 /// Parameters of one run.
 #[derive(Clone, Copy, Debug)]
 pub struct CoreLoopConfig {
@@ -50,6 +53,9 @@ pub struct CoreLoopConfig {
     pub queue_depth: usize,
     pub writes: u64,
     pub mode: Mode,
+    /// The staging ring's size (the DR's ring is the same buffer). Its writes move through the
+    /// whole ring, so a ring larger than the caches makes every payload copy miss them.
+    pub ring_bytes: u64,
 }
 
 /// What one run came to.
@@ -66,7 +72,7 @@ pub fn run(config: CoreLoopConfig) -> CoreLoopOutcome {
     let geometry = Geometry {
         volume_bytes: 1 << 30,
         sector_bytes: 512,
-        ring_bytes: 64 << 20,
+        ring_bytes: config.ring_bytes,
         table_slots: 1 << 14,
         payload_bytes_max: 1 << 20,
     };
@@ -231,6 +237,7 @@ mod tests {
                 queue_depth: 32,
                 writes: 20_000,
                 mode,
+                ring_bytes: RING_BYTES_DEFAULT,
             })
             .acked;
             assert_eq!(acked, 20_000, "{mode}");

@@ -54,6 +54,8 @@ for ((run = 0; run < runs; run++)); do
   if ((rc == 0)) && [[ $verdict == *verified ]]; then
     printf 'crash run %d (seed %d, primary machine killed at +%d s): %s (%s s)\n' \
       "$((run + 1))" "$s" "$kill_after" "$verdict" "$(secs "$started" "$(now_us)")"
+    # A passed run's consoles are of no further use; a failed run's stay, named above.
+    rm -rf "$run_dir"
   else
     failed=$((failed + 1))
     printf 'crash run %d (seed %d): FAILED (exit %d): %s; consoles in %s\n' "$((run + 1))" "$s" "$rc" "${verdict:-no verdict}" "$run_dir"
