@@ -39,12 +39,14 @@ pub struct DemoArgs {
     #[arg(long, default_value_t = 1)]
     pub seed: u64,
     /// Which node to kill -9 under load: primary, or dr / aux (killed and restarted under load,
-    /// then the primary is killed), or link: the primary-DR link falls silent under load (a
-    /// relay holds every byte and closes nothing), in odd-seeded runs for longer than the
-    /// transport timeout so that the connections fail and are dialled again; every third run
-    /// kills the primary while the link is still silent, the others once it carries again and
-    /// a write sent after that was acknowledged. tcp only.
-    #[arg(long, default_value = "primary")]
+    /// then the primary is killed). Or a link falls silent under load (a relay holds every byte
+    /// and closes nothing), tcp only: dr-link, between primary and DR, in odd-seeded runs for
+    /// longer than the transport timeout so that the connections fail and are dialled again,
+    /// and every third run kills the primary while the link is still silent, the others once it
+    /// carries again and a write sent after that was acknowledged; aux-link, between primary
+    /// and aux, for good: the aux misses the heartbeats, the DR fails over by itself, and the
+    /// old primary, alive and still reaching the DR, runs on for a while before it is killed.
+    #[arg(long, default_value = "primary", value_parser = ["primary", "dr", "aux", "dr-link", "aux-link"])]
     pub kill: String,
     /// Writes acknowledged before the kill, at most (the instant is drawn per run).
     #[arg(long, default_value_t = 3000)]
@@ -170,6 +172,12 @@ pub(crate) struct Workload {
     pub(crate) acked_count: AtomicU64,
     pub(crate) replied: AtomicU64,
     pub(crate) stop: AtomicBool,
+    /// Set at the first write answered with an error: the client stops writing then, as a file
+    /// system turns read-only on EIO (a fenced primary refuses everything after it, and the
+    /// record of writes sent stays bounded).
+    pub(crate) refused: AtomicBool,
+    /// When the latest acknowledgement arrived.
+    pub(crate) last_ack_at: Mutex<Option<Instant>>,
     pub(crate) latencies_us: Mutex<hdrhistogram::Histogram<u64>>,
 }
 
@@ -186,6 +194,8 @@ pub(crate) fn start_workload(
         acked_count: AtomicU64::new(0),
         replied: AtomicU64::new(0),
         stop: AtomicBool::new(false),
+        refused: AtomicBool::new(false),
+        last_ack_at: Mutex::new(None),
         latencies_us: Mutex::new(
             hdrhistogram::Histogram::new_with_bounds(1, 60_000_000, 3).expect("bounds"),
         ),
@@ -200,7 +210,7 @@ pub(crate) fn start_workload(
     let sender_thread = std::thread::spawn(move || {
         let mut rng = Rng::new(seed);
         let mut k = 0u64;
-        while !w.stop.load(Ordering::Relaxed) {
+        while !w.stop.load(Ordering::Relaxed) && !w.refused.load(Ordering::Relaxed) {
             if k - w.replied.load(Ordering::Acquire) >= QUEUE_DEPTH {
                 // Bounded wait: `stop` is looked at again at least this often.
                 let _ = replies_rx.recv_timeout(Duration::from_millis(20));
@@ -225,10 +235,14 @@ pub(crate) fn start_workload(
             w.replied.fetch_add(1, Ordering::Release);
             // Full (the sender is not waiting) or the sender is gone: the reply still counts.
             let _ = replies_tx.try_send(());
+            if reply.error != 0 {
+                w.refused.store(true, Ordering::Relaxed);
+            }
             if reply.error == 0 && k >= 1 {
                 let latency = sent_at.lock().expect("lock")[(k - 1) as usize].elapsed();
                 w.acked.lock().expect("lock")[(k - 1) as usize] = true;
                 w.acked_count.fetch_add(1, Ordering::Release);
+                *w.last_ack_at.lock().expect("lock") = Some(Instant::now());
                 let _ = w
                     .latencies_us
                     .lock()
@@ -310,17 +324,16 @@ pub fn run_once(args: &DemoArgs, exe: &Path, seed: u64, dir: &Path) -> Result<Ru
     ]);
     let (mut dr, addrs) = spawn(exe, &dr_args, &dir.join("dr.log"), &["listening on"])?;
     let dr_addr = addrs[0];
-    // The primary reaches the DR through the relay when the link is what fails.
+    // The primary reaches the DR or the aux through a relay when that link is what fails.
     let relay = match kill {
-        "link" if args.transport != "tcp" => {
-            return Err(String::from(
-                "--kill link needs --transport tcp: its relay carries TCP connections",
-            ))
-        }
-        "link" => Some(Relay::start(dr_addr)?),
+        "dr-link" => Some(Relay::start(dr_addr)?),
+        "aux-link" => Some(Relay::start(aux_addr)?),
         _ => None,
     };
-    let primary_dials = relay.as_ref().map_or(dr_addr, Relay::addr);
+    let through_relay = |link: &str, addr: SocketAddr| match &relay {
+        Some(relay) if kill == link => relay.addr(),
+        _ => addr,
+    };
     let mut primary_args = common("primary");
     primary_args.extend([
         "--listen".into(),
@@ -330,9 +343,9 @@ pub fn run_once(args: &DemoArgs, exe: &Path, seed: u64, dir: &Path) -> Result<Ru
         "--volume".into(),
         path("primary.vol"),
         "--dr".into(),
-        primary_dials.to_string(),
+        through_relay("dr-link", dr_addr).to_string(),
         "--aux".into(),
-        aux_addr.to_string(),
+        through_relay("aux-link", aux_addr).to_string(),
     ]);
     let (mut primary, addrs) = spawn(
         exe,
@@ -344,10 +357,53 @@ pub fn run_once(args: &DemoArgs, exe: &Path, seed: u64, dir: &Path) -> Result<Ru
     let kill_after = 1 + below(&mut rng, writes_max.max(1));
     let limit = Duration::from_secs(60);
     let mut fault = format!("kill {kill}");
+    let psk = key.into_bytes();
     let mut killed_while_silent = false;
+    // For aux-link: the failover's report and the files, taken when the DR had promoted itself.
+    let mut at_promotion: Option<AtPromotion> = None;
+    let mut lease_broken: Option<String> = None;
     match kill {
         "primary" => {}
-        "link" => {
+        "aux-link" => {
+            let relay = relay.as_ref().expect("started above for a link fault");
+            wait_for_acks(&workload, kill_after / 2, limit)?;
+            let errors = || {
+                let acked = workload.acked_count.load(Ordering::Acquire);
+                workload.replied.load(Ordering::Acquire) - acked
+            };
+            let errors_before = errors();
+            relay.set_silent(true);
+            let silenced = Instant::now();
+            // Nobody asks for this failover: the aux misses the heartbeats past its timeout
+            // and tells the DR, which fails over by itself.
+            wait_for_failover_done(dr_addr, &psk, limit)?;
+            let promotion_seen = Instant::now();
+            let taken = AtPromotion::take(dr_addr, &psk, dir)?;
+            // The old primary runs on, cut off from the aux but still reaching the DR: its
+            // lease ran out before the promotion, and the DR refuses it now.
+            let ran_on = Duration::from_millis(500 + below(&mut rng, 1000));
+            std::thread::sleep(ran_on);
+            let last_ack = *workload.last_ack_at.lock().expect("lock");
+            let last_ack_after = last_ack.map_or(0.0, |at| {
+                at.saturating_duration_since(silenced).as_secs_f64()
+            });
+            // The lease promises more (no acknowledgement once the DR may be promoted); what
+            // an observer can hold it to is none after the promotion was seen.
+            if last_ack.is_some_and(|at| at > promotion_seen) {
+                lease_broken = Some(format!(
+                    "lease: the old primary acknowledged a write {last_ack_after:.3} s after its aux link fell silent, after the DR had promoted itself ({:.3} s)",
+                    (promotion_seen - silenced).as_secs_f64()
+                ));
+            }
+            fault = format!(
+                "aux link silent; last acknowledgement {last_ack_after:.2} s later; the DR failed over by itself, seen {:.1} s later; the old primary ran on {:.1} s and answered {} writes with an error; kill primary",
+                (promotion_seen - silenced).as_secs_f64(),
+                ran_on.as_secs_f64(),
+                errors() - errors_before
+            );
+            at_promotion = Some(taken);
+        }
+        "dr-link" => {
             let relay = relay.as_ref().expect("started above for a link fault");
             wait_for_acks(&workload, kill_after / 2, limit)?;
             // Odd seeds hold the link silent past the transport timeout: the queue pairs fail
@@ -402,36 +458,33 @@ pub fn run_once(args: &DemoArgs, exe: &Path, seed: u64, dir: &Path) -> Result<Ru
         }
         other => {
             return Err(format!(
-                "unknown node to kill {other:?}: use primary, dr, aux or link"
+                "unknown node to kill {other:?}: use primary, dr, aux, dr-link or aux-link"
             ))
         }
     }
-    if !killed_while_silent {
+    if !killed_while_silent && at_promotion.is_none() {
         wait_for_acks(&workload, kill_after, limit)?;
         // Let a random slice of in-flight work proceed, then crash the primary mid-flight.
         std::thread::sleep(Duration::from_micros(below(&mut rng, 3000)));
     }
     primary.kill();
     workload.stop.store(true, Ordering::Relaxed);
-    let psk = key.into_bytes();
-    let report_json =
-        ordinal_runtime::admin::request(dr_addr, &psk, "failover", Duration::from_secs(60))?;
-    let report = LossSummary::parse(&report_json)?;
-    std::fs::write(dir.join("loss-report.json"), &report_json)
-        .map_err(|error| error.to_string())?;
-    let read = |path: PathBuf| {
-        std::fs::read(&path).map_err(|error| format!("cannot read {}: {error}", path.display()))
+    let at_promotion = match at_promotion {
+        Some(taken) => taken,
+        None => AtPromotion::take(dr_addr, &psk, dir)?,
     };
-    let aux_region = || read(dir.join("aux-state").join("aux-table.region"));
-    let dr_volume_at_promotion = read(dir.join("dr.vol"))?;
-    let aux_region_at_fence = aux_region()?;
+    let AtPromotion {
+        report,
+        dr_volume: dr_volume_at_promotion,
+        aux_region: aux_region_at_fence,
+    } = at_promotion;
     for thread in threads {
         let _ = thread.join();
     }
     dr.kill();
     aux.kill();
     drop(relay);
-    if kill == "link" {
+    if kill == "dr-link" {
         // What the primary made of the silence, from its log: a silence past the transport
         // timeout fails the connections, a shorter one must not.
         let log = std::fs::read_to_string(dir.join("primary.log")).unwrap_or_default();
@@ -442,13 +495,14 @@ pub fn run_once(args: &DemoArgs, exe: &Path, seed: u64, dir: &Path) -> Result<Ru
     }
     let observed = Observed {
         dr_volume_at_promotion,
-        dr_volume_at_end: read(dir.join("dr.vol"))?,
+        dr_volume_at_end: read_file(&dir.join("dr.vol"))?,
         aux_region_at_fence: Some(aux_region_at_fence),
-        aux_region_at_end: Some(aux_region()?),
+        aux_region_at_end: Some(read_file(&aux_region_path(dir))?),
     };
     let writes = workload.writes.lock().expect("lock").clone();
     let acked = workload.acked.lock().expect("lock").clone();
-    let violations = verify(seed, &writes, &acked, &report, &observed);
+    let mut violations = verify(seed, &writes, &acked, &report, &observed);
+    violations.extend(lease_broken);
     let acked_lost = acked_lost(&report, &acked);
     let latencies_us = workload.latencies_us.lock().expect("lock").clone();
     Ok(RunOutcome {
@@ -461,6 +515,55 @@ pub fn run_once(args: &DemoArgs, exe: &Path, seed: u64, dir: &Path) -> Result<Ru
         elapsed: started.elapsed(),
         violations,
     })
+}
+
+fn read_file(path: &Path) -> Result<Vec<u8>, String> {
+    std::fs::read(path).map_err(|error| format!("cannot read {}: {error}", path.display()))
+}
+
+fn aux_region_path(dir: &Path) -> PathBuf {
+    dir.join("aux-state").join("aux-table.region")
+}
+
+/// The failover's loss report (asked for, or fetched if the DR already failed over by itself)
+/// and the DR volume and aux table as they were right after it.
+struct AtPromotion {
+    report: LossSummary,
+    dr_volume: Vec<u8>,
+    aux_region: Vec<u8>,
+}
+
+impl AtPromotion {
+    fn take(dr: SocketAddr, psk: &[u8], dir: &Path) -> Result<AtPromotion, String> {
+        let report_json =
+            ordinal_runtime::admin::request(dr, psk, "failover", Duration::from_secs(60))?;
+        let report = LossSummary::parse(&report_json)?;
+        std::fs::write(dir.join("loss-report.json"), &report_json)
+            .map_err(|error| error.to_string())?;
+        Ok(AtPromotion {
+            report,
+            dr_volume: read_file(&dir.join("dr.vol"))?,
+            aux_region: read_file(&aux_region_path(dir))?,
+        })
+    }
+}
+
+/// Waits until the DR's status says its failover is done, without asking for one.
+fn wait_for_failover_done(dr: SocketAddr, psk: &[u8], limit: Duration) -> Result<(), String> {
+    let start = Instant::now();
+    loop {
+        let status = ordinal_runtime::admin::request(dr, psk, "status", Duration::from_secs(10))?;
+        if status.contains("\"failover\":\"Done\"") {
+            return Ok(());
+        }
+        if start.elapsed() > limit {
+            return Err(format!(
+                "the DR did not fail over by itself within {} s: {status}",
+                limit.as_secs()
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }
 
 /// What was read from the DR's and the aux's files, right after the failover answered and again
@@ -604,6 +707,12 @@ pub(crate) fn verify(
 }
 
 pub fn run(args: DemoArgs) -> Result<ExitCode, String> {
+    if args.kill.ends_with("-link") && args.transport != "tcp" {
+        return Err(format!(
+            "--kill {} needs --transport tcp: its relay carries TCP connections",
+            args.kill
+        ));
+    }
     let exe = std::env::current_exe().map_err(|error| error.to_string())?;
     let base = std::env::temp_dir().join(format!("ordinal-demo-{}", std::process::id()));
     let mut failed = 0u64;

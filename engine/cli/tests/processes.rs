@@ -104,7 +104,7 @@ fn the_primary_dr_link_falls_silent_under_load_and_nothing_is_lost() {
     // fail the connections and the primary dials again and resends what the DR lacks; 2 and 4,
     // a shorter silence that the connections ride out; 3, the primary killed while the link
     // is still silent, so the writes the DR never heard of are in the loss report.
-    let stdout = demo("link", 4, 1, 600);
+    let stdout = demo("dr-link", 4, 1, 600);
     let line = |seed: u64| {
         stdout
             .lines()
@@ -136,6 +136,31 @@ fn the_primary_dr_link_falls_silent_under_load_and_nothing_is_lost() {
         );
     }
     assert!(line(3).contains("so far), kill primary"), "{stdout}");
+}
+
+#[test]
+fn a_primary_cut_off_from_the_aux_is_fenced_and_fails_its_writes() {
+    // Checks the split the lease and the fencing are for: the primary's link to the aux falls
+    // silent for good while the primary runs on and still reaches the DR. The aux misses the
+    // heartbeats and the DR fails over by itself; the old primary must acknowledge nothing
+    // after the promotion (the demo counts that as a violation) and must answer the writes it
+    // holds with an error once the DR refuses it, rather than hold them for good, which it
+    // did before a refusal at the connection handshake could say the DR had failed over. Every
+    // run is verified like the kills above.
+    let stdout = demo("aux-link", 3, 1, 600);
+    for seed in 1..=3 {
+        let line = stdout
+            .lines()
+            .find(|line| line.starts_with(&format!("seed {seed}: ")))
+            .unwrap_or_else(|| panic!("no line for seed {seed}:\n{stdout}"));
+        assert!(line.contains("failed over by itself"), "{line}");
+        let errors: u64 = line
+            .split_once("and answered ")
+            .and_then(|(_, after)| after.split(' ').next())
+            .and_then(|count| count.parse().ok())
+            .unwrap_or_else(|| panic!("no error count in {line:?}"));
+        assert!(errors >= 1, "the fenced primary failed no write:\n{line}");
+    }
 }
 
 struct Daemon(std::process::Child);

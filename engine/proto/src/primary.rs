@@ -547,6 +547,30 @@ impl Primary {
         self.stop(PrimaryStop::LocalWriteFailed { seq });
     }
 
+    /// The aux has fenced our epoch: it revoked our writes to its table, or (at the runtime's
+    /// connection handshake) refused us for it. No lease can be had again, so we stop for good.
+    pub fn handle_aux_fenced_us(&mut self, now: Nanos) {
+        self.advance_clock(now);
+        self.stop(PrimaryStop::FencedByAux);
+    }
+
+    /// The DR refused us: in a message, or (at the runtime's connection handshake) before any
+    /// message could flow. Fenced or of a stale epoch, we stop for good; every write not yet
+    /// answered fails, and none is acknowledged again (I5).
+    pub fn handle_dr_refusal(&mut self, refusal: Refusal) {
+        if self.stopped.is_some() {
+            return;
+        }
+        match refusal.reason {
+            RefusalReason::StaleEpoch | RefusalReason::Fenced => {
+                self.stop(PrimaryStop::FencedByDr {
+                    dr_epoch: refusal.dr_epoch,
+                })
+            }
+            RefusalReason::Invalid => self.stop(PrimaryStop::RefusedInvalid { seq: refusal.seq }),
+        }
+    }
+
     /// A message from the DR (ack, hello or refusal). Bad input is returned as an error and
     /// changes nothing; impossible content (acks for ops never sent) stops the primary.
     pub fn handle_dr_message(&mut self, bytes: &[u8], now: Nanos) -> Result<(), DecodeError> {
@@ -564,16 +588,7 @@ impl Primary {
             }
             MessageKind::Refused => {
                 let refusal = Refusal::decode(message.body)?;
-                match refusal.reason {
-                    RefusalReason::StaleEpoch | RefusalReason::Fenced => {
-                        self.stop(PrimaryStop::FencedByDr {
-                            dr_epoch: refusal.dr_epoch,
-                        })
-                    }
-                    RefusalReason::Invalid => {
-                        self.stop(PrimaryStop::RefusedInvalid { seq: refusal.seq })
-                    }
-                }
+                self.handle_dr_refusal(refusal);
                 return Ok(());
             }
             MessageKind::DrAck | MessageKind::DrHello => {}
@@ -696,7 +711,7 @@ impl Primary {
     pub fn handle_aux_write_failed(&mut self, remote_access_error: bool, now: Nanos) {
         self.advance_clock(now);
         if remote_access_error {
-            self.stop(PrimaryStop::FencedByAux);
+            self.handle_aux_fenced_us(now);
             return;
         }
         self.aux_up = false;

@@ -15,7 +15,7 @@ use futures_lite::{AsyncReadExt, AsyncWriteExt};
 use glommio::channels::local_channel::LocalReceiver;
 use glommio::net::{TcpListener, TcpStream};
 
-use crate::control::{self, Grant, Hello, NodeInfo, Purpose, Role};
+use crate::control::{self, ControlError, Grant, Hello, NodeInfo, Purpose, Refusal, Role};
 use crate::link::{PreparedQp, Side, Transport};
 use crate::transport::{RegionDescriptor, RegionTable, TransportEvent};
 
@@ -39,8 +39,9 @@ pub struct Accepted {
     pub regions: Rc<RegionTable>,
 }
 
-/// Decides what an authenticated hello is granted; registers regions in the given table.
-pub type Decide = Rc<dyn Fn(&Hello, &RegionTable) -> Result<Grant, String>>;
+/// Decides what an authenticated hello is granted; registers regions in the given table. A
+/// plain `String` error converts into a [`Refusal`] of no particular kind.
+pub type Decide = Rc<dyn Fn(&Hello, &RegionTable) -> Result<Grant, Refusal>>;
 
 /// What an accept loop needs besides its listener.
 #[derive(Clone)]
@@ -358,14 +359,44 @@ pub async fn connect(
     role: Role,
     purpose: Purpose,
     info: NodeInfo,
-) -> Result<(TcpStream, Grant), String> {
+) -> Result<(TcpStream, Grant), ConnectError> {
     let mut stream = TcpStream::connect_timeout(addr, Duration::from_secs(2))
         .await
         .map_err(|error| format!("cannot reach {addr}: {error}"))?;
     let grant = control::client_handshake(&mut stream, psk, role, purpose, info)
         .await
-        .map_err(|error| format!("{addr}: {error}"))?;
+        .map_err(|error| ConnectError {
+            fenced_at: match &error {
+                ControlError::Fenced { epoch, .. } => Some(*epoch),
+                _ => None,
+            },
+            text: format!("{addr}: {error}"),
+        })?;
     Ok((stream, grant))
+}
+
+/// Why dialling a peer failed: the text to log, and whether the peer said it has fenced our
+/// epoch (then no retry can succeed). Converts to its text where only that matters.
+#[derive(Debug)]
+pub struct ConnectError {
+    pub text: String,
+    /// The peer's epoch, when it refused us because it has fenced ours.
+    pub fenced_at: Option<ordinal_proto::Epoch>,
+}
+
+impl From<String> for ConnectError {
+    fn from(text: String) -> ConnectError {
+        ConnectError {
+            text,
+            fenced_at: None,
+        }
+    }
+}
+
+impl From<ConnectError> for String {
+    fn from(error: ConnectError) -> String {
+        error.text
+    }
 }
 
 /// Connects to `addr`, authenticates as `role` for `purpose` and connects a queue pair over
@@ -379,7 +410,7 @@ pub async fn connect_qp(
     role: Role,
     purpose: Purpose,
     info: NodeInfo,
-) -> Result<(PreparedQp, Grant), String> {
+) -> Result<(PreparedQp, Grant), ConnectError> {
     let (stream, grant) = connect(addr, psk, role, purpose, info).await?;
     if purpose == Purpose::OrderQp {
         mark_latency_critical(&stream);

@@ -15,7 +15,7 @@ use ordinal_proto::primary::aux_primary_area_bytes;
 use ordinal_proto::{Epoch, Geometry};
 
 use crate::admin::{self, AcceptContext, Input};
-use crate::control::{Grant, NodeInfo, Purpose, Role};
+use crate::control::{Grant, NodeInfo, Purpose, Refusal, Role};
 use crate::link::{Transport, TransportChoice};
 use crate::storage::map_file;
 use crate::transport::{
@@ -174,24 +174,26 @@ pub async fn run_aux(options: AuxOptions) -> Result<(), String> {
                 return Err(format!(
                     "status table slots differ: {} here, {} on the peer",
                     geometry.table_slots, theirs.table_slots
-                ));
+                )
+                .into());
             }
         }
         let memory: Rc<dyn RegionMemory> = node.aux.clone();
         let descriptor = match (hello.role, hello.purpose) {
             (Role::Primary, Purpose::AuxTable) => {
                 if let Some(cause) = aux.fenced() {
-                    return Err(format!(
-                        "the primary of epoch {} is fenced ({cause:?})",
-                        aux.epoch()
-                    ));
+                    return Err(Refusal {
+                        why: format!("the primary of epoch {} is fenced ({cause:?})", aux.epoch()),
+                        fenced_at: Some(aux.epoch()),
+                    });
                 }
                 if hello.info.epoch != aux.epoch() {
                     return Err(format!(
                         "the aux serves epoch {}, the primary speaks epoch {}",
                         aux.epoch(),
                         hello.info.epoch
-                    ));
+                    )
+                    .into());
                 }
                 table.try_register(memory, area_bytes, ACCESS_REMOTE_WRITE)?
             }
@@ -202,7 +204,8 @@ pub async fn run_aux(options: AuxOptions) -> Result<(), String> {
                 return Err(format!(
                     "the aux does not serve {} connections for {purpose:?}",
                     role.name()
-                ))
+                )
+                .into())
             }
         };
         Ok(Grant {

@@ -31,8 +31,10 @@ use crate::transport::RegionDescriptor;
 /// The version of the control channel and of the transport's frames after it, so that peers
 /// that would not understand each other's frames part at the handshake with a clear error.
 /// 2: frame header byte 5 carries flags (`transport::FRAME_FLAG_ACK_MAY_WAIT`); version 1
-/// refused any nonzero byte there.
-pub const CONTROL_VERSION: u16 = 2;
+/// refused any nonzero byte there. 3: a refusal's verdict may say that the server has fenced
+/// the client's epoch (byte 5, `REFUSAL_FENCED`, and the server's epoch in bytes 8-11), where
+/// version 2 left them zero.
+pub const CONTROL_VERSION: u16 = 3;
 const HELLO_MAGIC: [u8; 4] = *b"ORDC";
 const NONCE_BYTES: usize = 32;
 const MAC_BYTES: usize = 32;
@@ -215,6 +217,38 @@ impl Hello {
 /// Status byte of a challenge or verdict.
 const STATUS_OK: u8 = 0;
 const STATUS_REFUSED: u8 = 1;
+
+/// Byte 5 of a refusal's verdict: a refusal of no particular kind.
+const REFUSAL_PLAIN: u8 = 0;
+/// Byte 5 of a refusal's verdict: the server has fenced the client's epoch (a DR that failed
+/// over or is failing over, an aux that fenced a primary which stopped heartbeating); the
+/// server's epoch is in bytes 8-11. No retry in the old epoch can succeed: a primary told so
+/// stops, as when the DR refuses it in-band or the aux revokes its writes.
+const REFUSAL_FENCED: u8 = 1;
+
+/// Why a server refuses a client ([`server_handshake`]'s `decide` returns it as its error).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Refusal {
+    /// What the client sees (and logs), at most `MESSAGE_BYTES_MAX` bytes of it.
+    pub why: String,
+    /// Set when the server has fenced the client's epoch: the server's epoch now.
+    pub fenced_at: Option<Epoch>,
+}
+
+impl From<String> for Refusal {
+    fn from(why: String) -> Refusal {
+        Refusal {
+            why,
+            fenced_at: None,
+        }
+    }
+}
+
+impl From<&str> for Refusal {
+    fn from(why: &str) -> Refusal {
+        Refusal::from(why.to_string())
+    }
+}
 const STATUS_VERSION: u8 = 2;
 
 /// What the server grants an authenticated client.
@@ -239,6 +273,11 @@ pub enum ControlError {
     BadKey,
     /// The server refused us, with its reason.
     Refused(String),
+    /// The server refused us because it has fenced our epoch; it is at `epoch` now.
+    Fenced {
+        epoch: Epoch,
+        why: String,
+    },
     /// The peer did not finish the exchange in time.
     Timeout,
     Io(String),
@@ -257,7 +296,9 @@ impl std::fmt::Display for ControlError {
                 f,
                 "authentication failed: the peer does not hold the same pre-shared key"
             ),
-            ControlError::Refused(why) => write!(f, "refused by the peer: {why}"),
+            ControlError::Refused(why) | ControlError::Fenced { why, .. } => {
+                write!(f, "refused by the peer: {why}")
+            }
             ControlError::Timeout => write!(
                 f,
                 "the peer did not complete the handshake within {} s",
@@ -308,7 +349,7 @@ fn encode_challenge(
     out
 }
 
-fn encode_verdict(result: &Result<Grant, String>) -> [u8; VERDICT_BYTES] {
+fn encode_verdict(result: &Result<Grant, Refusal>) -> [u8; VERDICT_BYTES] {
     let mut out = [0u8; VERDICT_BYTES];
     out[0..4].copy_from_slice(&HELLO_MAGIC);
     match result {
@@ -325,9 +366,13 @@ fn encode_verdict(result: &Result<Grant, String>) -> [u8; VERDICT_BYTES] {
                 out[at + 20..at + 24].copy_from_slice(&descriptor.access.to_le_bytes());
             }
         }
-        Err(message) => {
+        Err(refusal) => {
             out[4] = STATUS_REFUSED;
-            let text = truncate_utf8(message, MESSAGE_BYTES_MAX);
+            if let Some(epoch) = refusal.fenced_at {
+                out[5] = REFUSAL_FENCED;
+                out[8..12].copy_from_slice(&epoch.to_le_bytes());
+            }
+            let text = truncate_utf8(&refusal.why, MESSAGE_BYTES_MAX);
             out[144..146].copy_from_slice(&(text.len() as u16).to_le_bytes());
             out[160..160 + text.len()].copy_from_slice(text.as_bytes());
         }
@@ -373,7 +418,14 @@ fn decode_verdict(bytes: &[u8; VERDICT_BYTES]) -> Result<Grant, ControlError> {
             let len =
                 (u16::from_le_bytes([bytes[144], bytes[145]]) as usize).min(MESSAGE_BYTES_MAX);
             let text = String::from_utf8_lossy(&bytes[160..160 + len]).into_owned();
-            Err(ControlError::Refused(text))
+            match bytes[5] {
+                REFUSAL_PLAIN => Err(ControlError::Refused(text)),
+                REFUSAL_FENCED => Err(ControlError::Fenced {
+                    epoch: Epoch::from_le_bytes(bytes[8..12].try_into().expect("4 bytes")),
+                    why: text,
+                }),
+                other => Err(ControlError::Malformed(format!("refusal kind {other}"))),
+            }
         }
         other => Err(ControlError::Malformed(format!("verdict status {other}"))),
     }
@@ -497,7 +549,7 @@ pub async fn server_handshake(
     stream: &mut glommio::net::TcpStream,
     psk: &[u8],
     our_role: Role,
-    decide: impl FnOnce(&Hello) -> Result<Grant, String>,
+    decide: impl FnOnce(&Hello) -> Result<Grant, Refusal>,
 ) -> Result<Hello, ControlError> {
     let exchange = async {
         let mut hello_bytes = [0u8; HELLO_BYTES];
@@ -533,7 +585,7 @@ pub async fn server_handshake(
             .map_err(io_error)?;
         match decision {
             Ok(_) => Ok(hello),
-            Err(why) => Err(ControlError::Refused(why)),
+            Err(refusal) => Err(ControlError::Refused(refusal.why)),
         }
     };
     match glommio::timer::timeout(HANDSHAKE_DEADLINE, async { Ok(exchange.await) }).await {
@@ -650,6 +702,24 @@ mod tests {
         assert_eq!(
             refused.unwrap_err(),
             ControlError::Refused("volume size differs".into())
+        );
+        // A server that has failed over says so, with its epoch: the client stops retrying.
+        let failed_over = Refusal {
+            why: "the DR has failed over".into(),
+            fenced_at: Some(7),
+        };
+        let mut verdict = encode_verdict(&Err(failed_over));
+        assert_eq!(
+            decode_verdict(&verdict).unwrap_err(),
+            ControlError::Fenced {
+                epoch: 7,
+                why: "the DR has failed over".into()
+            }
+        );
+        verdict[5] = 2;
+        assert_eq!(
+            decode_verdict(&verdict).unwrap_err(),
+            ControlError::Malformed("refusal kind 2".into())
         );
         let mut hello =
             ClientSteps::new(b"0123456789abcdef", Role::Dr, Purpose::AuxWatch, info()).hello;

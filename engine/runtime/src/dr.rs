@@ -18,7 +18,7 @@ use ordinal_proto::{Epoch, Geometry, Seq};
 
 use crate::admin::{self, AcceptContext, Input};
 use crate::aux::Notice;
-use crate::control::{geometry_mismatch, Grant, NodeInfo, Purpose, Role};
+use crate::control::{geometry_mismatch, Grant, NodeInfo, Purpose, Refusal, Role};
 use crate::link::{PreparedQp, Transport, TransportChoice};
 use crate::storage::{map_file, open_region, MappedRegion, OrderedWrites, Volume, WriteJob};
 use crate::transport::{
@@ -201,21 +201,25 @@ pub async fn run_dr(options: DrOptions) -> Result<(), String> {
         let node = decide_node.borrow();
         let theirs = hello.info.geometry.ok_or("the primary sent no geometry")?;
         if let Some(why) = geometry_mismatch(&geometry, &theirs) {
-            return Err(why);
+            return Err(why.into());
         }
         if node.dr.role() != DrRole::Replica {
-            return Err(format!(
-                "the DR has failed over (it is {:?} at epoch {})",
-                node.dr.role(),
-                node.dr.epoch()
-            ));
+            return Err(Refusal {
+                why: format!(
+                    "the DR has failed over (it is {:?} at epoch {})",
+                    node.dr.role(),
+                    node.dr.epoch()
+                ),
+                fenced_at: Some(node.dr.epoch()),
+            });
         }
         if hello.info.epoch != node.dr.epoch() {
             return Err(format!(
                 "the DR is at epoch {}, the primary at epoch {}",
                 node.dr.epoch(),
                 hello.info.epoch
-            ));
+            )
+            .into());
         }
         let descriptors = match (hello.role, hello.purpose) {
             (Role::Primary, Purpose::OrderQp) => Vec::new(),
@@ -227,7 +231,8 @@ pub async fn run_dr(options: DrOptions) -> Result<(), String> {
                 return Err(format!(
                     "the DR does not serve {} connections for {purpose:?}",
                     role.name()
-                ))
+                )
+                .into())
             }
         };
         Ok(Grant {

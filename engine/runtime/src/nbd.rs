@@ -206,6 +206,8 @@ struct Connection {
     unsent_reads: RefCell<VecDeque<(u64, Option<StaticPermit>)>>,
     closing: Cell<bool>,
     role: &'static str,
+    /// Requests answered with an error on this connection, for the log's counting.
+    failed_requests: Cell<u64>,
 }
 
 impl Connection {
@@ -231,13 +233,32 @@ impl Connection {
         let _ = match result {
             Ok(()) => session.reply_ok(cookie),
             Err(why) => {
-                crate::log!("{}: NBD request failed: {why}", self.role);
+                // A client that writes on after EIO (a fenced primary refuses everything) could
+                // otherwise fill the log with one line per request: the first failure is logged
+                // whole, then the 10th, 100th, 1000th... with the count.
+                let failed = self.failed_requests.get() + 1;
+                self.failed_requests.set(failed);
+                if failed == 1 {
+                    crate::log!("{}: NBD request failed: {why}", self.role);
+                } else if is_power_of_ten(failed) {
+                    crate::log!(
+                        "{}: {failed} NBD requests failed on this connection so far; the latest: {why}",
+                        self.role
+                    );
+                }
                 session.reply_error(cookie, NbdError::Io)
             }
         };
         drop(session);
         self.wake();
     }
+}
+
+fn is_power_of_ten(mut n: u64) -> bool {
+    while n >= 10 && n % 10 == 0 {
+        n /= 10;
+    }
+    n == 1
 }
 
 async fn serve_client(stream: TcpStream, export: Export) {
@@ -263,6 +284,7 @@ async fn serve_client(stream: TcpStream, export: Export) {
         unsent_reads: RefCell::new(VecDeque::new()),
         closing: Cell::new(false),
         role: export.role(),
+        failed_requests: Cell::new(0),
     });
     let (mut reader, mut writer) = futures_lite::io::split(stream);
     let writer_connection = connection.clone();
@@ -443,4 +465,15 @@ async fn serve_client(stream: TcpStream, export: Export) {
     connection.closing.set(true);
     connection.wake();
     writer_task.await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::is_power_of_ten;
+
+    #[test]
+    fn failures_are_logged_at_powers_of_ten() {
+        let logged: Vec<u64> = (1..=20_000).filter(|&n| is_power_of_ten(n)).collect();
+        assert_eq!(logged, [1, 10, 100, 1000, 10_000]);
+    }
 }

@@ -17,9 +17,10 @@ use hdrhistogram::Histogram;
 use ordinal_proto::primary::{
     AuxWriteTag, Primary, PrimaryAction, PrimaryConfig, PrimaryStop, WriteRefused,
 };
+use ordinal_proto::wire::{Refusal, RefusalReason};
 use ordinal_proto::{Epoch, Geometry, LinkLossPolicy, Mode, Seq};
 
-use crate::admin::{self, AcceptContext, Input};
+use crate::admin::{self, AcceptContext, ConnectError, Input};
 use crate::control::{NodeInfo, Purpose, Role};
 use crate::link::{PreparedQp, Transport, TransportChoice};
 use crate::storage::{OrderedWrites, Volume, WriteJob};
@@ -133,6 +134,10 @@ pub enum PrimaryEvent {
         qp: PreparedQp,
         table: RegionDescriptor,
     },
+    /// The DR refused our connection because it has fenced our epoch (it failed over).
+    DrFenced { epoch: Epoch, why: String },
+    /// The aux refused our connection because it has fenced our epoch.
+    AuxFenced { why: String },
     /// Answer once every write acknowledged so far has its order held by the DR (see
     /// [`PrimaryHandle::flush`]).
     Flush { reply: Sender<Result<(), String>> },
@@ -367,7 +372,8 @@ pub async fn run_primary(
             "the primary serves no {} connections for {:?}",
             hello.role.name(),
             hello.purpose
-        ))
+        )
+        .into())
     });
     glommio::spawn_local(admin::accept_loop(
         listener,
@@ -469,6 +475,23 @@ pub async fn run_primary(
                                 crate::log!("primary: cannot start the DR queue pairs: {error}")
                             }
                         }
+                    }
+                    Input::Local(PrimaryEvent::DrFenced { epoch, why }) => {
+                        node.dr_connecting = false;
+                        // As final as the DR's in-band refusal: the DR never serves the old
+                        // epoch again, so the writes waiting for it fail now rather than wait
+                        // for good (the clients see errors, never a silent success).
+                        crate::log!("primary: DR: {why}: this primary is fenced");
+                        node.primary.handle_dr_refusal(Refusal {
+                            reason: RefusalReason::Fenced,
+                            dr_epoch: epoch,
+                            seq: 0,
+                        });
+                    }
+                    Input::Local(PrimaryEvent::AuxFenced { why }) => {
+                        node.aux_connecting = false;
+                        crate::log!("primary: aux: {why}: this primary is fenced");
+                        node.primary.handle_aux_fenced_us(now);
                     }
                     Input::Local(PrimaryEvent::Flush { reply }) => {
                         if node.flushes.len() < FLUSHES_WAITING_MAX {
@@ -682,12 +705,26 @@ async fn connect_to_dr(
                 info,
             )
         };
-        let (data, grant) = connect(Purpose::DataQp).await?;
+        // A DR that has fenced our epoch never takes us back: retrying cannot get past it.
+        let fenced = |error: ConnectError| match error.fenced_at {
+            Some(epoch) => Ok(PrimaryEvent::DrFenced {
+                epoch,
+                why: error.text,
+            }),
+            None => Err(error.text),
+        };
+        let (data, grant) = match connect(Purpose::DataQp).await {
+            Ok(connected) => connected,
+            Err(error) => return fenced(error),
+        };
         let ring = *grant
             .descriptors
             .first()
             .ok_or("the DR granted no staging ring")?;
-        let (order, _) = connect(Purpose::OrderQp).await?;
+        let (order, _) = match connect(Purpose::OrderQp).await {
+            Ok(connected) => connected,
+            Err(error) => return fenced(error),
+        };
         Ok(PrimaryEvent::DrConnected { order, data, ring })
     })
     .await;
@@ -701,16 +738,35 @@ async fn connect_to_aux(
     info: NodeInfo,
     local: Sender<PrimaryEvent>,
 ) {
-    let (qp, table) = admin::connect_granted(
-        (transport, events),
-        addr,
-        &psk,
-        (Role::Primary, Purpose::AuxTable, info),
-        ("primary: aux", "status table"),
-        Duration::from_millis(200),
-    )
+    let event = admin::keep_trying("primary: aux", Duration::from_millis(200), || async {
+        match admin::connect_qp(
+            &transport,
+            &events,
+            addr,
+            &psk,
+            Role::Primary,
+            Purpose::AuxTable,
+            info,
+        )
+        .await
+        {
+            Ok((qp, grant)) => {
+                let table = *grant
+                    .descriptors
+                    .first()
+                    .ok_or_else(|| format!("{addr} granted no status table"))?;
+                Ok(PrimaryEvent::AuxConnected { qp, table })
+            }
+            // An aux that fenced our epoch never takes us back: retrying cannot get past it.
+            Err(ConnectError {
+                text,
+                fenced_at: Some(_),
+            }) => Ok(PrimaryEvent::AuxFenced { why: text }),
+            Err(error) => Err(error.text),
+        }
+    })
     .await;
-    let _ = local.send(PrimaryEvent::AuxConnected { qp, table }).await;
+    let _ = local.send(event).await;
 }
 
 const WR_AUX_ENTRIES: u64 = 0;
