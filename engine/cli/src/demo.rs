@@ -44,8 +44,11 @@ pub struct DemoArgs {
     /// longer than the transport timeout so that the connections fail and are dialled again,
     /// and every third run kills the primary while the link is still silent, the others once it
     /// carries again and a write sent after that was acknowledged; aux-link, between primary
-    /// and aux, for good: the aux misses the heartbeats, the DR fails over by itself, and the
-    /// old primary, alive and still reaching the DR, runs on for a while before it is killed.
+    /// and aux: the aux misses the heartbeats and fences the primary. In odd-seeded runs the
+    /// link stays silent, the DR fails over by itself, and the old primary, alive and still
+    /// reaching the DR, runs on for a while before it is killed; in even-seeded runs the DR
+    /// has --no-auto-failover, the link carries again past the transport timeout, the primary
+    /// must then fail its writes, and the failover is asked for.
     #[arg(long, default_value = "primary", value_parser = ["primary", "dr", "aux", "dr-link", "aux-link"])]
     pub kill: String,
     /// Writes acknowledged before the kill, at most (the instant is drawn per run).
@@ -322,6 +325,11 @@ pub fn run_once(args: &DemoArgs, exe: &Path, seed: u64, dir: &Path) -> Result<Ru
         "--apply-delay-ms".into(),
         args.dr_apply_delay_ms.to_string(),
     ]);
+    // Even-seeded aux-link runs leave the failover to the operator (see there).
+    let aux_fences_alone = kill == "aux-link" && seed % 2 == 0;
+    if aux_fences_alone {
+        dr_args.push("--no-auto-failover".into());
+    }
     let (mut dr, addrs) = spawn(exe, &dr_args, &dir.join("dr.log"), &["listening on"])?;
     let dr_addr = addrs[0];
     // The primary reaches the DR or the aux through a relay when that link is what fails.
@@ -364,6 +372,46 @@ pub fn run_once(args: &DemoArgs, exe: &Path, seed: u64, dir: &Path) -> Result<Ru
     let mut lease_broken: Option<String> = None;
     match kill {
         "primary" => {}
+        "aux-link" if aux_fences_alone => {
+            // The aux fences the primary once the heartbeats stop, but the DR (started with
+            // --no-auto-failover) does not fail over. Past the transport timeout the primary's
+            // aux connection fails; when the link carries again, the aux refuses it at the
+            // handshake, and the primary must stop and fail its writes rather than wait for
+            // good. The failover is then asked for, as an operator would.
+            let relay = relay.as_ref().expect("started above for a link fault");
+            wait_for_acks(&workload, kill_after / 2, limit)?;
+            let errors_before = workload.replied.load(Ordering::Acquire)
+                - workload.acked_count.load(Ordering::Acquire);
+            let silence = TRANSPORT_TIMEOUT + Duration::from_millis(1000 + below(&mut rng, 1000));
+            relay.set_silent(true);
+            std::thread::sleep(silence);
+            relay.set_silent(false);
+            let started = Instant::now();
+            while !workload.refused.load(Ordering::Acquire) {
+                if started.elapsed() > limit {
+                    return Err(format!(
+                        "the primary fenced by the aux still held its writes {} s after the link carried again",
+                        limit.as_secs()
+                    ));
+                }
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            let refused_after = started.elapsed();
+            let errors = workload.replied.load(Ordering::Acquire)
+                - workload.acked_count.load(Ordering::Acquire)
+                - errors_before;
+            let log = std::fs::read_to_string(dir.join("primary.log")).unwrap_or_default();
+            let how = if log.contains("primary: aux: ") && log.contains("this primary is fenced") {
+                "refused at the aux's handshake"
+            } else {
+                "told otherwise"
+            };
+            fault = format!(
+                "aux link silent {:.1} s, the aux fenced the primary (no automatic failover), carried again; the primary, {how}, answered {errors} writes with an error {:.2} s later; kill primary, failover asked",
+                silence.as_secs_f64(),
+                refused_after.as_secs_f64()
+            );
+        }
         "aux-link" => {
             let relay = relay.as_ref().expect("started above for a link fault");
             wait_for_acks(&workload, kill_after / 2, limit)?;
@@ -462,7 +510,7 @@ pub fn run_once(args: &DemoArgs, exe: &Path, seed: u64, dir: &Path) -> Result<Ru
             ))
         }
     }
-    if !killed_while_silent && at_promotion.is_none() {
+    if !killed_while_silent && at_promotion.is_none() && !aux_fences_alone {
         wait_for_acks(&workload, kill_after, limit)?;
         // Let a random slice of in-flight work proceed, then crash the primary mid-flight.
         std::thread::sleep(Duration::from_micros(below(&mut rng, 3000)));

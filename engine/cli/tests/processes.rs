@@ -141,21 +141,29 @@ fn the_primary_dr_link_falls_silent_under_load_and_nothing_is_lost() {
 #[test]
 fn a_primary_cut_off_from_the_aux_is_fenced_and_fails_its_writes() {
     // Checks the split the lease and the fencing are for: the primary's link to the aux falls
-    // silent for good while the primary runs on and still reaches the DR. The aux misses the
-    // heartbeats and the DR fails over by itself; the old primary must acknowledge nothing
-    // after the promotion (the demo counts that as a violation) and must answer the writes it
-    // holds with an error once the DR refuses it, rather than hold them for good, which it
-    // did before a refusal at the connection handshake could say the DR had failed over. Every
-    // run is verified like the kills above.
-    let stdout = demo("aux-link", 3, 1, 600);
-    for seed in 1..=3 {
+    // silent while the primary runs on and still reaches the DR, and the aux fences it.
+    // Seeds 1 and 3: the link stays silent and the DR fails over by itself; the old primary
+    // must acknowledge nothing after the promotion (the demo counts that as a violation) and
+    // must answer the writes it holds with an error once the DR refuses it. Seeds 2 and 4: the
+    // DR has --no-auto-failover and the link carries again past the transport timeout; the
+    // aux then refuses the primary at the handshake, and the primary must fail its writes.
+    // In both, the primary used to retry for good and hold its writes, because a refusal at
+    // the handshake did not say that its epoch was fenced. Every run is verified like the
+    // kills above.
+    let stdout = demo("aux-link", 4, 1, 600);
+    for seed in 1..=4u64 {
         let line = stdout
             .lines()
             .find(|line| line.starts_with(&format!("seed {seed}: ")))
             .unwrap_or_else(|| panic!("no line for seed {seed}:\n{stdout}"));
-        assert!(line.contains("failed over by itself"), "{line}");
+        let expected = if seed % 2 == 1 {
+            "failed over by itself"
+        } else {
+            "refused at the aux's handshake"
+        };
+        assert!(line.contains(expected), "expected {expected:?}: {line}");
         let errors: u64 = line
-            .split_once("and answered ")
+            .split_once("answered ")
             .and_then(|(_, after)| after.split(' ').next())
             .and_then(|count| count.parse().ok())
             .unwrap_or_else(|| panic!("no error count in {line:?}"));
