@@ -71,6 +71,13 @@ pub struct DemoArgs {
     /// verified payloads from the staging ring ("applied from the ring at failover").
     #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u64).range(..=60_000))]
     pub dr_apply_delay_ms: u64,
+    /// The primary's `--on-link-loss`: block (acknowledgements wait for the DR) or degrade
+    /// (while the DR link is down, a write is acknowledged once the aux names it). With
+    /// degrade, writes acknowledged from the moment a dr-link fault starts are checked as
+    /// possibly degraded: they need not be held by the DR (I6), but each must still be applied
+    /// or in the loss report (I4).
+    #[arg(long, default_value = "block", value_parser = ["block", "degrade"])]
+    pub on_link_loss: String,
 }
 
 /// Draws below `n` (at least 1) from the simulator's seeded PRNG.
@@ -181,6 +188,8 @@ pub(crate) struct Workload {
     pub(crate) refused: AtomicBool,
     /// When the latest acknowledgement arrived.
     pub(crate) last_ack_at: Mutex<Option<Instant>>,
+    /// When write k's acknowledgement arrived, at index k - 1.
+    pub(crate) ack_times: Mutex<Vec<Option<Instant>>>,
     pub(crate) latencies_us: Mutex<hdrhistogram::Histogram<u64>>,
 }
 
@@ -199,6 +208,7 @@ pub(crate) fn start_workload(
         stop: AtomicBool::new(false),
         refused: AtomicBool::new(false),
         last_ack_at: Mutex::new(None),
+        ack_times: Mutex::new(Vec::new()),
         latencies_us: Mutex::new(
             hdrhistogram::Histogram::new_with_bounds(1, 60_000_000, 3).expect("bounds"),
         ),
@@ -225,6 +235,7 @@ pub(crate) fn start_workload(
             let data = write_bytes(seed, k, len as usize);
             w.writes.lock().expect("lock").push((offset, len));
             w.acked.lock().expect("lock").push(false);
+            w.ack_times.lock().expect("lock").push(None);
             times.lock().expect("lock").push(Instant::now());
             if sender.send_write(k, offset, &data).is_err() {
                 return;
@@ -245,7 +256,9 @@ pub(crate) fn start_workload(
                 let latency = sent_at.lock().expect("lock")[(k - 1) as usize].elapsed();
                 w.acked.lock().expect("lock")[(k - 1) as usize] = true;
                 w.acked_count.fetch_add(1, Ordering::Release);
-                *w.last_ack_at.lock().expect("lock") = Some(Instant::now());
+                let now = Instant::now();
+                *w.last_ack_at.lock().expect("lock") = Some(now);
+                w.ack_times.lock().expect("lock")[(k - 1) as usize] = Some(now);
                 let _ = w
                     .latencies_us
                     .lock()
@@ -354,6 +367,8 @@ pub fn run_once(args: &DemoArgs, exe: &Path, seed: u64, dir: &Path) -> Result<Ru
         through_relay("dr-link", dr_addr).to_string(),
         "--aux".into(),
         through_relay("aux-link", aux_addr).to_string(),
+        "--on-link-loss".into(),
+        args.on_link_loss.clone(),
     ]);
     let (mut primary, addrs) = spawn(
         exe,
@@ -370,6 +385,18 @@ pub fn run_once(args: &DemoArgs, exe: &Path, seed: u64, dir: &Path) -> Result<Ru
     // For aux-link: the failover's report and the files, taken when the DR had promoted itself.
     let mut at_promotion: Option<AtPromotion> = None;
     let mut lease_broken: Option<String> = None;
+    // When a dr-link fault started: with degrade, acknowledgements from then on may be degraded.
+    let mut link_fault_from: Option<Instant> = None;
+    // A link fault must find its link up. Acknowledgements alone do not show that: with
+    // degrade they come without the DR, and a small draw of kill_after waits for none. (A
+    // degrade run whose relay fell silent before the primary ever reached the DR waited for
+    // a "DR link down" that could not come.)
+    let primary_log = dir.join("primary.log");
+    match kill {
+        "dr-link" => wait_for_log(&primary_log, "primary: connected to the DR", limit)?,
+        "aux-link" => wait_for_log(&primary_log, "primary: connected to the aux", limit)?,
+        _ => {}
+    }
     match kill {
         "primary" => {}
         "aux-link" if aux_fences_alone => {
@@ -400,7 +427,7 @@ pub fn run_once(args: &DemoArgs, exe: &Path, seed: u64, dir: &Path) -> Result<Ru
             let errors = workload.replied.load(Ordering::Acquire)
                 - workload.acked_count.load(Ordering::Acquire)
                 - errors_before;
-            let log = std::fs::read_to_string(dir.join("primary.log")).unwrap_or_default();
+            let log = std::fs::read_to_string(&primary_log).unwrap_or_default();
             let how = if log.contains("primary: aux: ") && log.contains("this primary is fenced") {
                 "refused at the aux's handshake"
             } else {
@@ -463,14 +490,26 @@ pub fn run_once(args: &DemoArgs, exe: &Path, seed: u64, dir: &Path) -> Result<Ru
                 Duration::from_millis(200 + below(&mut rng, 2000))
             };
             relay.set_silent(true);
+            link_fault_from = Some(Instant::now());
             if seed.is_multiple_of(3) {
                 // The disaster the aux is there for: the DR cut off, then the primary lost.
-                let until_kill = silence.mul_f64((1 + below(&mut rng, 9)) as f64 / 10.0);
-                std::thread::sleep(until_kill);
+                if args.on_link_loss == "degrade" {
+                    // Once the primary has declared the link down (the transport timeout) and
+                    // acknowledged a write that only the aux names: the loss report must then
+                    // list what the DR never heard of, acknowledged or not.
+                    wait_for_log(&primary_log, "primary: DR link down", limit)?;
+                    let acked = workload.acked_count.load(Ordering::Acquire);
+                    wait_for_acks(&workload, acked + 1, limit).map_err(|error| {
+                        format!("with the DR link down and --on-link-loss degrade: {error}")
+                    })?;
+                } else {
+                    let until_kill = silence.mul_f64((1 + below(&mut rng, 9)) as f64 / 10.0);
+                    std::thread::sleep(until_kill);
+                }
                 killed_while_silent = true;
                 fault = format!(
                     "link silent ({:.1} s so far), kill primary",
-                    until_kill.as_secs_f64()
+                    link_fault_from.expect("set above").elapsed().as_secs_f64()
                 );
             } else {
                 std::thread::sleep(silence);
@@ -535,7 +574,7 @@ pub fn run_once(args: &DemoArgs, exe: &Path, seed: u64, dir: &Path) -> Result<Ru
     if kill == "dr-link" {
         // What the primary made of the silence, from its log: a silence past the transport
         // timeout fails the connections, a shorter one must not.
-        let log = std::fs::read_to_string(dir.join("primary.log")).unwrap_or_default();
+        let log = std::fs::read_to_string(&primary_log).unwrap_or_default();
         let downs = log.matches("primary: DR link down").count();
         fault.push_str(&format!(
             " (the primary's DR link went down {downs} time(s))"
@@ -549,7 +588,17 @@ pub fn run_once(args: &DemoArgs, exe: &Path, seed: u64, dir: &Path) -> Result<Ru
     };
     let writes = workload.writes.lock().expect("lock").clone();
     let acked = workload.acked.lock().expect("lock").clone();
-    let mut violations = verify(seed, &writes, &acked, &report, &observed);
+    let degraded: Vec<bool> = match (args.on_link_loss.as_str(), link_fault_from) {
+        ("degrade", Some(from)) => workload
+            .ack_times
+            .lock()
+            .expect("lock")
+            .iter()
+            .map(|at| at.is_some_and(|at| at >= from))
+            .collect(),
+        _ => Vec::new(),
+    };
+    let mut violations = verify_degraded(seed, &writes, &acked, &degraded, &report, &observed);
     violations.extend(lease_broken);
     let acked_lost = acked_lost(&report, &acked);
     let latencies_us = workload.latencies_us.lock().expect("lock").clone();
@@ -594,6 +643,22 @@ impl AtPromotion {
             aux_region: read_file(&aux_region_path(dir))?,
         })
     }
+}
+
+/// Waits until the log at `path` has a line containing `what`.
+fn wait_for_log(path: &Path, what: &str, limit: Duration) -> Result<(), String> {
+    let start = Instant::now();
+    while !std::fs::read_to_string(path).is_ok_and(|log| log.contains(what)) {
+        if start.elapsed() > limit {
+            return Err(format!(
+                "{} has no {what:?} after {} s",
+                path.display(),
+                limit.as_secs()
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Ok(())
 }
 
 /// Waits until the DR's status says its failover is done, without asking for one.
@@ -704,6 +769,20 @@ pub(crate) fn verify(
     report: &LossSummary,
     observed: &Observed,
 ) -> Vec<String> {
+    verify_degraded(seed, writes, acked, &[], report, observed)
+}
+
+/// [`verify`], with the writes whose acknowledgement may have been degraded (`--on-link-loss
+/// degrade`, the DR link down) marked at their index: those need not be held by the DR (I6).
+/// Missing entries count as not degraded.
+pub(crate) fn verify_degraded(
+    seed: u64,
+    writes: &[(u64, u64)],
+    acked: &[bool],
+    degraded: &[bool],
+    report: &LossSummary,
+    observed: &Observed,
+) -> Vec<String> {
     let report = match report.to_report() {
         Ok(report) => report,
         Err(error) => return vec![error],
@@ -720,8 +799,7 @@ pub(crate) fn verify(
                 data: write_bytes(seed, seq, len as usize),
                 // Only whether it was acknowledged matters to the checks, not when.
                 acked_at: was_acked.then_some(1),
-                // The primary runs `--on-link-loss block`: it never acknowledges degraded.
-                acked_degraded: false,
+                acked_degraded: was_acked && degraded.get(index).copied().unwrap_or(false),
                 failed: false,
                 aux_recorded_replicated: false,
                 payload_landed: false,

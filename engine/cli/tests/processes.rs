@@ -139,6 +139,30 @@ fn the_primary_dr_link_falls_silent_under_load_and_nothing_is_lost() {
 }
 
 #[test]
+fn with_degrade_writes_acknowledged_while_the_dr_link_is_down_are_reported_if_lost() {
+    // Checks --on-link-loss degrade through a silent primary-DR link (seeds 1-3, as above):
+    // once the primary has declared the link down it acknowledges writes that only the aux
+    // names. Seed 3 kills the primary while the link is still silent, after such an
+    // acknowledgement: those writes never reached the DR, and the loss report must list them
+    // (I4; the demo exempts writes acknowledged from the fault's start from I6 only).
+    let stdout = demo_with(&["--on-link-loss", "degrade"], "dr-link", 3, 1, 600);
+    let line = stdout
+        .lines()
+        .find(|line| line.starts_with("seed 3: "))
+        .unwrap_or_else(|| panic!("no line for seed 3:\n{stdout}"));
+    assert!(line.contains("so far), kill primary"), "{line}");
+    let acked_lost: u64 = line
+        .split_once(" lost (")
+        .and_then(|(_, after)| after.split(' ').next())
+        .and_then(|count| count.parse().ok())
+        .unwrap_or_else(|| panic!("no count of acknowledged lost writes in {line:?}"));
+    assert!(
+        acked_lost >= 1,
+        "no degraded acknowledgement was lost and reported:\n{line}"
+    );
+}
+
+#[test]
 fn a_primary_cut_off_from_the_aux_is_fenced_and_fails_its_writes() {
     // Checks the split the lease and the fencing are for: the primary's link to the aux falls
     // silent while the primary runs on and still reaches the DR, and the aux fences it.
