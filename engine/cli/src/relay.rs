@@ -23,9 +23,9 @@ use std::time::Duration;
 const POLL_INTERVAL: Duration = Duration::from_millis(5);
 
 /// Connections carried at once, at most; further ones are closed at once. The daemons keep one
-/// connection per queue pair (three between a primary and a DR) and replace a failed one, so a
-/// few dozen is far more than a run needs while bounding the threads a misbehaving dialler
-/// could make the relay start.
+/// connection per queue pair (two from a primary to its DR, one to its aux) and replace a
+/// failed one, so a few dozen is far more than a run needs, while it bounds the threads a
+/// misbehaving dialler could make the relay start.
 const CONNECTIONS_MAX: usize = 32;
 
 /// Bytes read per call (a buffer per direction of each connection).
