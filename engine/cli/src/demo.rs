@@ -186,11 +186,29 @@ pub(crate) struct Workload {
     /// system turns read-only on EIO (a fenced primary refuses everything after it, and the
     /// record of writes sent stays bounded).
     pub(crate) refused: AtomicBool,
-    /// When the latest acknowledgement arrived.
-    pub(crate) last_ack_at: Mutex<Option<Instant>>,
     /// When write k's acknowledgement arrived, at index k - 1.
     pub(crate) ack_times: Mutex<Vec<Option<Instant>>>,
     pub(crate) latencies_us: Mutex<hdrhistogram::Histogram<u64>>,
+}
+
+impl Workload {
+    /// Writes answered with an error so far. Acknowledgements are loaded first: the receiver
+    /// counts a reply before it counts its acknowledgement, so this never goes below zero.
+    fn answered_with_error(&self) -> u64 {
+        let acked = self.acked_count.load(Ordering::Acquire);
+        self.replied.load(Ordering::Acquire) - acked
+    }
+
+    /// When the latest acknowledgement arrived.
+    fn last_ack_at(&self) -> Option<Instant> {
+        self.ack_times
+            .lock()
+            .expect("lock")
+            .iter()
+            .flatten()
+            .max()
+            .copied()
+    }
 }
 
 pub(crate) fn start_workload(
@@ -207,7 +225,6 @@ pub(crate) fn start_workload(
         replied: AtomicU64::new(0),
         stop: AtomicBool::new(false),
         refused: AtomicBool::new(false),
-        last_ack_at: Mutex::new(None),
         ack_times: Mutex::new(Vec::new()),
         latencies_us: Mutex::new(
             hdrhistogram::Histogram::new_with_bounds(1, 60_000_000, 3).expect("bounds"),
@@ -256,9 +273,7 @@ pub(crate) fn start_workload(
                 let latency = sent_at.lock().expect("lock")[(k - 1) as usize].elapsed();
                 w.acked.lock().expect("lock")[(k - 1) as usize] = true;
                 w.acked_count.fetch_add(1, Ordering::Release);
-                let now = Instant::now();
-                *w.last_ack_at.lock().expect("lock") = Some(now);
-                w.ack_times.lock().expect("lock")[(k - 1) as usize] = Some(now);
+                w.ack_times.lock().expect("lock")[(k - 1) as usize] = Some(Instant::now());
                 let _ = w
                     .latencies_us
                     .lock()
@@ -407,8 +422,7 @@ pub fn run_once(args: &DemoArgs, exe: &Path, seed: u64, dir: &Path) -> Result<Ru
             // good. The failover is then asked for, as an operator would.
             let relay = relay.as_ref().expect("started above for a link fault");
             wait_for_acks(&workload, kill_after / 2, limit)?;
-            let errors_before = workload.replied.load(Ordering::Acquire)
-                - workload.acked_count.load(Ordering::Acquire);
+            let errors_before = workload.answered_with_error();
             let silence = TRANSPORT_TIMEOUT + Duration::from_millis(1000 + below(&mut rng, 1000));
             relay.set_silent(true);
             std::thread::sleep(silence);
@@ -424,11 +438,12 @@ pub fn run_once(args: &DemoArgs, exe: &Path, seed: u64, dir: &Path) -> Result<Ru
                 std::thread::sleep(Duration::from_millis(5));
             }
             let refused_after = started.elapsed();
-            let errors = workload.replied.load(Ordering::Acquire)
-                - workload.acked_count.load(Ordering::Acquire)
-                - errors_before;
+            let errors = workload.answered_with_error() - errors_before;
             let log = std::fs::read_to_string(&primary_log).unwrap_or_default();
-            let how = if log.contains("primary: aux: ") && log.contains("this primary is fenced") {
+            let refused_at_handshake = log.lines().any(|line| {
+                line.contains("primary: aux: ") && line.ends_with("this primary is fenced")
+            });
+            let how = if refused_at_handshake {
                 "refused at the aux's handshake"
             } else {
                 "told otherwise"
@@ -442,11 +457,7 @@ pub fn run_once(args: &DemoArgs, exe: &Path, seed: u64, dir: &Path) -> Result<Ru
         "aux-link" => {
             let relay = relay.as_ref().expect("started above for a link fault");
             wait_for_acks(&workload, kill_after / 2, limit)?;
-            let errors = || {
-                let acked = workload.acked_count.load(Ordering::Acquire);
-                workload.replied.load(Ordering::Acquire) - acked
-            };
-            let errors_before = errors();
+            let errors_before = workload.answered_with_error();
             relay.set_silent(true);
             let silenced = Instant::now();
             // Nobody asks for this failover: the aux misses the heartbeats past its timeout
@@ -458,7 +469,7 @@ pub fn run_once(args: &DemoArgs, exe: &Path, seed: u64, dir: &Path) -> Result<Ru
             // lease ran out before the promotion, and the DR refuses it now.
             let ran_on = Duration::from_millis(500 + below(&mut rng, 1000));
             std::thread::sleep(ran_on);
-            let last_ack = *workload.last_ack_at.lock().expect("lock");
+            let last_ack = workload.last_ack_at();
             let last_ack_after = last_ack.map_or(0.0, |at| {
                 at.saturating_duration_since(silenced).as_secs_f64()
             });
@@ -474,7 +485,7 @@ pub fn run_once(args: &DemoArgs, exe: &Path, seed: u64, dir: &Path) -> Result<Ru
                 "aux link silent; last acknowledgement {last_ack_after:.2} s later; the DR failed over by itself, seen {:.1} s later; the old primary ran on {:.1} s and answered {} writes with an error; kill primary",
                 (promotion_seen - silenced).as_secs_f64(),
                 ran_on.as_secs_f64(),
-                errors() - errors_before
+                workload.answered_with_error() - errors_before
             );
             at_promotion = Some(taken);
         }

@@ -558,9 +558,6 @@ impl Primary {
     /// message could flow. Fenced or of a stale epoch, we stop for good; every write not yet
     /// answered fails, and none is acknowledged again (I5).
     pub fn handle_dr_refusal(&mut self, refusal: Refusal) {
-        if self.stopped.is_some() {
-            return;
-        }
         match refusal.reason {
             RefusalReason::StaleEpoch | RefusalReason::Fenced => {
                 self.stop(PrimaryStop::FencedByDr {
@@ -709,11 +706,11 @@ impl Primary {
 
     /// An aux write failed. A remote-access error means the aux revoked our access: we are fenced.
     pub fn handle_aux_write_failed(&mut self, remote_access_error: bool, now: Nanos) {
-        self.advance_clock(now);
         if remote_access_error {
             self.handle_aux_fenced_us(now);
             return;
         }
+        self.advance_clock(now);
         self.aux_up = false;
         // What was in flight may not have landed: it is written again once the aux is back.
         self.forget_aux_writes_in_flight();
