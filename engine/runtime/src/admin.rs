@@ -269,6 +269,28 @@ pub struct Senders<E> {
     pub local: Sender<E>,
 }
 
+impl<E> Senders<E> {
+    /// What `accept_loop` needs to serve `our_role`'s listener: the daemon's key, its answer to
+    /// each authenticated hello, and the channels its loop reads.
+    pub fn accept_context(
+        &self,
+        our_role: Role,
+        psk: &[u8],
+        decide: Decide,
+        transport: &Transport,
+    ) -> AcceptContext {
+        AcceptContext {
+            psk: Rc::new(psk.to_vec()),
+            our_role,
+            decide,
+            transport: transport.clone(),
+            events: self.transport.clone(),
+            accepted: self.accepted.clone(),
+            admin: self.admin.clone(),
+        }
+    }
+}
+
 impl<E> std::fmt::Debug for Senders<E> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str("Senders")

@@ -14,7 +14,7 @@ use ordinal_proto::aux::{aux_region_bytes, Aux, AuxAction, AuxConfig, AUX_PRIMAR
 use ordinal_proto::primary::aux_primary_area_bytes;
 use ordinal_proto::{Epoch, Geometry};
 
-use crate::admin::{self, AcceptContext, Input};
+use crate::admin::{self, Input};
 use crate::control::{Grant, NodeInfo, Purpose, Refusal, Role};
 use crate::link::{Transport, TransportChoice};
 use crate::storage::map_file;
@@ -218,15 +218,7 @@ pub async fn run_aux(options: AuxOptions) -> Result<(), String> {
     });
     glommio::spawn_local(admin::accept_loop(
         listener,
-        AcceptContext {
-            psk: Rc::new(options.psk.clone()),
-            our_role: Role::Aux,
-            decide,
-            transport: transport.clone(),
-            events: senders.transport.clone(),
-            accepted: senders.accepted.clone(),
-            admin: senders.admin.clone(),
-        },
+        senders.accept_context(Role::Aux, &options.psk, decide, &transport),
     ))
     .detach();
     admin::announce(Role::Aux, "listening on", local);

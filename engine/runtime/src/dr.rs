@@ -16,7 +16,7 @@ use ordinal_proto::dr::{dr_log_bytes, Dr, DrAction, DrConfig, DrRole};
 use ordinal_proto::primary::aux_primary_area_bytes;
 use ordinal_proto::{Epoch, Geometry, Seq};
 
-use crate::admin::{self, AcceptContext, Input};
+use crate::admin::{self, Input};
 use crate::aux::Notice;
 use crate::control::{geometry_mismatch, Grant, NodeInfo, Purpose, Refusal, Role};
 use crate::link::{PreparedQp, Transport, TransportChoice};
@@ -245,15 +245,7 @@ pub async fn run_dr(options: DrOptions) -> Result<(), String> {
     });
     glommio::spawn_local(admin::accept_loop(
         listener,
-        AcceptContext {
-            psk: Rc::new(options.psk.clone()),
-            our_role: Role::Dr,
-            decide,
-            transport: transport.clone(),
-            events: senders.transport.clone(),
-            accepted: senders.accepted.clone(),
-            admin: senders.admin.clone(),
-        },
+        senders.accept_context(Role::Dr, &options.psk, decide, &transport),
     ))
     .detach();
     admin::announce(Role::Dr, "listening on", local);

@@ -20,7 +20,7 @@ use ordinal_proto::primary::{
 use ordinal_proto::wire::{Refusal, RefusalReason};
 use ordinal_proto::{Epoch, Geometry, LinkLossPolicy, Mode, Seq};
 
-use crate::admin::{self, AcceptContext, ConnectError, Input};
+use crate::admin::{self, ConnectError, Input};
 use crate::control::{NodeInfo, Purpose, Role};
 use crate::link::{PreparedQp, Transport, TransportChoice};
 use crate::storage::{OrderedWrites, Volume, WriteJob};
@@ -377,15 +377,7 @@ pub async fn run_primary(
     });
     glommio::spawn_local(admin::accept_loop(
         listener,
-        AcceptContext {
-            psk: Rc::new(options.psk.clone()),
-            our_role: Role::Primary,
-            decide,
-            transport: transport.clone(),
-            events: senders.transport.clone(),
-            accepted: senders.accepted.clone(),
-            admin: senders.admin.clone(),
-        },
+        senders.accept_context(Role::Primary, &options.psk, decide, &transport),
     ))
     .detach();
 
