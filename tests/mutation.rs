@@ -62,6 +62,13 @@ fn mutation_mark_replicated_on_post_breaks_completeness() {
     expect_caught(Mutation::MarkReplicatedOnPost, &["I2 completeness"]);
 }
 
+/// A primary that degrades whatever its policy acknowledges, under `block`, writes the DR has
+/// no order for; only its own word spares them I6, and the checker does not take it there.
+#[test]
+fn mutation_degrade_whatever_the_policy_breaks_sync_order() {
+    expect_caught(Mutation::DegradeWhateverThePolicy, &["I6 sync order"]);
+}
+
 /// The control: with no mutation, the same seeds hold.
 #[test]
 fn mutation_none_is_not_caught() {

@@ -5,7 +5,7 @@
 use ordinal_proto::dr::LossReason;
 use ordinal_proto::primary::{PrimaryStop, AUX_GROUPS_INFLIGHT_MAX};
 use ordinal_proto::wire::PrimaryStatus;
-use ordinal_proto::{Mode, Seq};
+use ordinal_proto::{LinkLossPolicy, Mode, Seq};
 use ordinal_sim::{Params, Path, World};
 
 const MS: u64 = 1_000_000;
@@ -231,6 +231,53 @@ fn async_mode_reports_an_acked_op_the_dr_never_heard_of() {
         vec![(2, 2 * 4096, LossReason::OrderNotAtDr)]
     );
     assert_invariants_hold(&world);
+}
+
+/// With `--on-link-loss degrade --degrade-after-ms 20`, a DR that stops answering while its
+/// link is still up (a silent WAN, not yet declared down) holds a write 20 ms at most: then the
+/// primary acknowledges it once the aux names it, as degraded. The primary dies before the DR
+/// hears of it; the failover reports it lost, by seq and byte range. Under `block` the same
+/// write waits.
+#[test]
+fn with_degrade_after_a_silent_dr_holds_a_write_no_longer_than_that_and_it_is_reported() {
+    for policy in [LinkLossPolicy::Degrade, LinkLossPolicy::Block] {
+        let mut params = Params::scripted(Mode::OrderSync);
+        params.partial_at_break = false;
+        params.link_loss_policy = policy;
+        params.degrade_after_ns = (policy == LinkLossPolicy::Degrade).then_some(20 * MS);
+        let mut world = World::new(params);
+        write(&mut world, 1);
+        world.run_for(10 * MS);
+        assert!(acked(&world, 1));
+        world.hold(Path::OrderToDr);
+        world.hold(Path::PayloadToDr);
+        write(&mut world, 2);
+        world.run_for(15 * MS);
+        assert!(!acked(&world, 2), "{policy:?}: the DR may still answer");
+        world.run_for(10 * MS);
+        let primary = world.primary().expect("running");
+        assert!(primary.is_dr_link_up(), "the link was never declared down");
+        if policy == LinkLossPolicy::Block {
+            assert!(!acked(&world, 2), "block waits for the DR");
+            continue;
+        }
+        assert!(acked(&world, 2), "20 ms without an answer");
+        assert!(world.truth()[1].acked_degraded);
+        assert_eq!(primary.stats().acked_degraded, 1);
+
+        world.crash_primary();
+        let report = world.fail_over();
+        assert_eq!(report.cut, 1);
+        assert_eq!(
+            report
+                .lost
+                .iter()
+                .map(|l| (l.seq, l.volume_offset, l.reason))
+                .collect::<Vec<_>>(),
+            vec![(2, 2 * 4096, LossReason::OrderNotAtDr)]
+        );
+        assert_invariants_hold(&world);
+    }
 }
 
 /// Status-table writes are pipelined: while earlier groups of entries are unanswered, each new

@@ -177,16 +177,20 @@ pub enum Mutation {
     /// The primary marks an op "replicated" on the aux when its payload write is posted instead
     /// of when it completes (breaks I2).
     MarkReplicatedOnPost = 1 << 5,
+    /// The primary degrades on a lost DR link whatever the link-loss policy, so it acknowledges
+    /// writes whose order the DR does not hold under `block` too (breaks I6).
+    DegradeWhateverThePolicy = 1 << 6,
 }
 
 impl Mutation {
-    pub const ALL: [Mutation; 6] = [
+    pub const ALL: [Mutation; 7] = [
         Mutation::ApplyPastGap,
         Mutation::SkipChecksum,
         Mutation::AckBeforeOrderAck,
         Mutation::ReuseRingEarly,
         Mutation::AcceptStaleEpoch,
         Mutation::MarkReplicatedOnPost,
+        Mutation::DegradeWhateverThePolicy,
     ];
 }
 

@@ -76,6 +76,12 @@ pub struct PrimaryConfig {
     pub geometry: Geometry,
     pub mode: Mode,
     pub link_loss_policy: LinkLossPolicy,
+    /// With `LinkLossPolicy::Degrade`: also degrade while the DR link is still up but the
+    /// oldest order batch in flight has waited this long for the DR's answer. `None`: only once
+    /// the link is declared down, which takes the transport's timeout (seconds over TCP, the
+    /// queue pair's retries over RDMA) while writes wait. A slow or silent link then costs the
+    /// clients this long at most instead.
+    pub degrade_after_ns: Option<Nanos>,
     pub epoch: Epoch,
     /// Most records in one order batch (<= `ORDER_BATCH_RECORDS_MAX`).
     pub order_batch_records_max: usize,
@@ -107,6 +113,7 @@ impl PrimaryConfig {
             geometry,
             mode,
             link_loss_policy: LinkLossPolicy::Block,
+            degrade_after_ns: None,
             epoch: 1,
             order_batch_records_max: ORDER_BATCH_RECORDS_DEFAULT,
             order_batches_inflight_max: ORDER_BATCHES_INFLIGHT_DEFAULT,
@@ -274,8 +281,9 @@ pub struct Primary {
     slots_released_through: Seq,
     /// All ops up to here meet the mode's ack condition except, maybe, their local write.
     ack_condition_through: Seq,
-    /// Last seq of each order batch in flight, oldest first; at most `order_batches_inflight_max`.
-    order_batches_inflight: VecDeque<Seq>,
+    /// Order batches sent and not yet acked, oldest first (at most `order_batches_inflight_max`):
+    /// the last seq of each and when it was sent.
+    order_batches_inflight: VecDeque<(Seq, Nanos)>,
     order_batches_sent: u64,
     order_buffers: Box<[u8]>,
     /// Groups of entries writes in flight, oldest first (an aux queue pair completes in order);
@@ -313,6 +321,10 @@ impl Primary {
                 && config.order_batch_records_max <= ORDER_BATCH_RECORDS_MAX
         );
         assert!(config.order_batches_inflight_max >= 1);
+        assert!(
+            config.degrade_after_ns.is_none() || config.link_loss_policy == LinkLossPolicy::Degrade,
+            "degrade_after_ns is a setting of the degrade policy"
+        );
         assert!(config.payload_writes_inflight_max >= 1);
         assert!(
             config.heartbeat_interval_ns < config.lease_ns,
@@ -390,6 +402,11 @@ impl Primary {
     }
     pub fn is_dr_link_up(&self) -> bool {
         self.dr_link_up
+    }
+    /// Whether writes are acknowledged without the DR right now (the degrade policy, with the
+    /// link down or the DR's answer overdue; as of the last input's time).
+    pub fn is_degraded(&self) -> bool {
+        self.degraded()
     }
     /// Ops admitted whose payload has not reached the DR, and their bytes: the RPO right now.
     pub fn lag(&self) -> (u64, u64) {
@@ -629,7 +646,7 @@ impl Primary {
             while self
                 .order_batches_inflight
                 .front()
-                .is_some_and(|&last| last <= state.held_through)
+                .is_some_and(|&(last, _)| last <= state.held_through)
             {
                 self.order_batches_inflight.pop_front();
             }
@@ -781,7 +798,23 @@ impl Primary {
     }
 
     fn degraded(&self) -> bool {
-        !self.dr_link_up && self.config.link_loss_policy == LinkLossPolicy::Degrade
+        (self.config.link_loss_policy == LinkLossPolicy::Degrade
+            || self
+                .config
+                .mutations
+                .is_on(Mutation::DegradeWhateverThePolicy))
+            && (!self.dr_link_up || self.dr_answer_overdue())
+    }
+
+    /// The oldest order batch in flight has waited `degrade_after_ns` or longer for the DR.
+    fn dr_answer_overdue(&self) -> bool {
+        match (
+            self.config.degrade_after_ns,
+            self.order_batches_inflight.front(),
+        ) {
+            (Some(after), Some(&(_, sent_at))) => self.now.saturating_sub(sent_at) >= after,
+            _ => false,
+        }
     }
 
     fn order_ok_through(&self) -> Seq {
@@ -962,7 +995,7 @@ impl Primary {
                 count * ORDER_RECORD_BYTES,
             );
             self.order_batches_sent += 1;
-            self.order_batches_inflight.push_back(last_seq);
+            self.order_batches_inflight.push_back((last_seq, self.now));
             self.order_sent_through = last_seq;
             self.stats.order_batches_sent += 1;
             self.stats.order_records_sent += count as u64;

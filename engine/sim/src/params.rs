@@ -43,6 +43,9 @@ pub struct Params {
     pub seed: u64,
     pub mode: Mode,
     pub link_loss_policy: LinkLossPolicy,
+    /// With the degrade policy: degrade once the DR leaves an order batch unanswered this long,
+    /// before the link is declared down (`PrimaryConfig::degrade_after_ns`).
+    pub degrade_after_ns: Option<Nanos>,
     pub geometry: Geometry,
     /// Client writes issued in the run (the primary may end before all are issued).
     pub ops_total: u64,
@@ -97,6 +100,7 @@ impl Params {
             seed: 0,
             mode,
             link_loss_policy: LinkLossPolicy::Block,
+            degrade_after_ns: None,
             geometry: Geometry {
                 volume_bytes: 64 * 1024,
                 sector_bytes: 512,
@@ -178,6 +182,7 @@ impl Params {
             seed,
             mode: rng.pick(&Mode::ALL),
             link_loss_policy: rng.pick(&[LinkLossPolicy::Block, LinkLossPolicy::Degrade]),
+            degrade_after_ns: None,
             geometry,
             ops_total,
             queue_depth: rng.range(1, 16),
@@ -237,6 +242,12 @@ impl Params {
         // Half the seeds: the primary's inputs handled in polls of up to 200 us of events.
         if rng.chance(1, 2) {
             params.primary_poll_window_ns = rng.range(1_000, 200_000);
+        }
+        // Half the degrade seeds degrade on a slow answer too, not only on a link declared
+        // down: from a few one-way latencies (false alarms on a live link) to longer than a
+        // slow link's stretch.
+        if params.link_loss_policy == LinkLossPolicy::Degrade && rng.chance(1, 2) {
+            params.degrade_after_ns = Some(rng.range(100_000, 30_000_000));
         }
         params
     }

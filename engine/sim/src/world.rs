@@ -21,7 +21,7 @@ use ordinal_proto::primary::{
     AUX_ENTRIES_OFFSET,
 };
 use ordinal_proto::wire::{AuxEntry, OrderRecord, PrimaryStatus, AUX_ENTRY_BYTES};
-use ordinal_proto::{Mode, Nanos, Seq};
+use ordinal_proto::{LinkLossPolicy, Mode, Nanos, Seq};
 
 use crate::checker::{self, Verdict, Violation};
 use crate::params::{Fault, Params, PrimaryEnd};
@@ -174,6 +174,9 @@ pub struct Coverage {
     pub acks_after_promotion: u64,
     /// Acknowledgements given while the DR did not hold the order (async, degraded).
     pub degraded_acks: u64,
+    /// Degraded acknowledgements outside async mode while the primary still counted the DR
+    /// link up: the DR was slow to answer (`Params::degrade_after_ns`).
+    pub degraded_acks_link_up: u64,
     /// Old primaries that found themselves fenced after promotion.
     pub old_primaries_fenced: u64,
     /// Local writes on the primary that failed (it stops; failover follows).
@@ -201,13 +204,14 @@ impl Coverage {
         self.lease_waits += other.lease_waits;
         self.acks_after_promotion += other.acks_after_promotion;
         self.degraded_acks += other.degraded_acks;
+        self.degraded_acks_link_up += other.degraded_acks_link_up;
         self.old_primaries_fenced += other.old_primaries_fenced;
         self.local_write_failures += other.local_write_failures;
         self.primary_polls += other.primary_polls;
     }
 
     /// Name and count of every counter, for printing.
-    pub fn rows(&self) -> [(&'static str, u64); 19] {
+    pub fn rows(&self) -> [(&'static str, u64); 20] {
         [
             ("primary crashes", self.primary_crashes),
             ("primaries cut off from the aux", self.primary_cut_from_aux),
@@ -239,6 +243,10 @@ impl Coverage {
             (
                 "acks without the DR holding the order (async, degraded)",
                 self.degraded_acks,
+            ),
+            (
+                "  of them degraded on a slow DR answer, link up",
+                self.degraded_acks_link_up,
             ),
             (
                 "old primaries fenced after promotion",
@@ -388,6 +396,7 @@ impl World {
             heartbeat_interval_ns: params.heartbeat_interval_ns,
             lease_ns: params.heartbeat_timeout_ns / 2,
             link_loss_policy: params.link_loss_policy,
+            degrade_after_ns: params.degrade_after_ns,
             mutations: params.mutations,
             ..PrimaryConfig::new(geometry, params.mode)
         };
@@ -985,6 +994,12 @@ impl World {
                 op.acked_at = Some(self.now);
                 op.acked_degraded = degraded;
                 self.coverage.degraded_acks += u64::from(degraded);
+                if degraded
+                    && self.params.mode != Mode::Async
+                    && self.primary.as_ref().is_some_and(Primary::is_dr_link_up)
+                {
+                    self.coverage.degraded_acks_link_up += 1;
+                }
                 self.client_done();
             }
             PrimaryAction::FailClient { seq, .. } => {
@@ -1034,6 +1049,16 @@ impl World {
             // failover accounted for (checked after the run).
             self.acked_after_promotion.push(seq);
             self.coverage.acks_after_promotion += 1;
+        }
+        // The primary says which acknowledgements were degraded, and I6 spares those; so a
+        // degraded one outside async mode and the degrade policy breaks I6 by itself.
+        if degraded
+            && self.params.mode != Mode::Async
+            && self.params.link_loss_policy != LinkLossPolicy::Degrade
+        {
+            self.violations.push(Violation::I6SyncOrder(format!(
+                "seq {seq} acknowledged as degraded under the block policy"
+            )));
         }
         let order_bound = matches!(self.params.mode, Mode::OrderSync | Mode::Sync) && !degraded;
         if !order_bound {
