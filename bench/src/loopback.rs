@@ -805,6 +805,7 @@ where
         geometry,
         mode: config.mode,
         link_loss_policy: LinkLossPolicy::Block,
+        degrade_after: None,
         epoch: 1,
         dr: dr_addr,
         aux: aux_addr,

@@ -78,6 +78,10 @@ pub struct DemoArgs {
     /// or in the loss report (I4).
     #[arg(long, default_value = "block", value_parser = ["block", "degrade"])]
     pub on_link_loss: String,
+    /// The primary's `--degrade-after-ms` (with degrade only): it degrades once the DR leaves an
+    /// order batch unanswered this long, before the link is declared down.
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..=600_000))]
+    pub degrade_after_ms: Option<u64>,
 }
 
 /// Draws below `n` (at least 1) from the simulator's seeded PRNG.
@@ -385,6 +389,9 @@ pub fn run_once(args: &DemoArgs, exe: &Path, seed: u64, dir: &Path) -> Result<Ru
         "--on-link-loss".into(),
         args.on_link_loss.clone(),
     ]);
+    if let Some(after) = args.degrade_after_ms {
+        primary_args.extend(["--degrade-after-ms".into(), after.to_string()]);
+    }
     let (mut primary, addrs) = spawn(
         exe,
         &primary_args,
@@ -502,16 +509,21 @@ pub fn run_once(args: &DemoArgs, exe: &Path, seed: u64, dir: &Path) -> Result<Ru
             };
             relay.set_silent(true);
             link_fault_from = Some(Instant::now());
+            // Every write past these was sent into the silence.
+            let sent_before_silence = workload.writes.lock().expect("lock").len() as u64;
             if seed.is_multiple_of(3) {
                 // The disaster the aux is there for: the DR cut off, then the primary lost.
                 if args.on_link_loss == "degrade" {
-                    // Once the primary has declared the link down (the transport timeout) and
-                    // acknowledged a write that only the aux names: the loss report must then
-                    // list what the DR never heard of, acknowledged or not.
-                    wait_for_log(&primary_log, "primary: DR link down", limit)?;
-                    let acked = workload.acked_count.load(Ordering::Acquire);
-                    wait_for_acks(&workload, acked + 1, limit).map_err(|error| {
-                        format!("with the DR link down and --on-link-loss degrade: {error}")
+                    // Once the primary has acknowledged a write sent into the silence, which
+                    // only the aux names: the loss report must then list what the DR never
+                    // heard of, acknowledged or not. That takes the link declared down (the
+                    // transport timeout) or, with --degrade-after-ms, the DR's answer overdue.
+                    // (Waiting instead for one more acknowledgement after the link was
+                    // declared down could wait for good: with --degrade-after-ms the degraded
+                    // writes may have filled the status table by then, and a full table waits
+                    // for the DR.)
+                    wait_for_acks(&workload, sent_before_silence + 1, limit).map_err(|error| {
+                        format!("with the DR link silent and --on-link-loss degrade: {error}")
                     })?;
                 } else {
                     let until_kill = silence.mul_f64((1 + below(&mut rng, 9)) as f64 / 10.0);
@@ -588,8 +600,15 @@ pub fn run_once(args: &DemoArgs, exe: &Path, seed: u64, dir: &Path) -> Result<Ru
         let log = std::fs::read_to_string(&primary_log).unwrap_or_default();
         let downs = log.matches("primary: DR link down").count();
         fault.push_str(&format!(
-            " (the primary's DR link went down {downs} time(s))"
+            " (the primary's DR link went down {downs} time(s)"
         ));
+        if args.degrade_after_ms.is_some() {
+            let late = log
+                .matches("primary: the DR left an order batch unanswered")
+                .count();
+            fault.push_str(&format!(", degraded on a late answer {late} time(s)"));
+        }
+        fault.push(')');
     }
     let observed = Observed {
         dr_volume_at_promotion,
@@ -849,6 +868,9 @@ pub fn run(args: DemoArgs) -> Result<ExitCode, String> {
             "--kill {} needs --transport tcp: its relay carries TCP connections",
             args.kill
         ));
+    }
+    if args.degrade_after_ms.is_some() && args.on_link_loss != "degrade" {
+        return Err("--degrade-after-ms needs --on-link-loss degrade".into());
     }
     let exe = std::env::current_exe().map_err(|error| error.to_string())?;
     let base = std::env::temp_dir().join(format!("ordinal-demo-{}", std::process::id()));

@@ -158,6 +158,11 @@ pub struct PrimaryArgs {
     /// When the DR link is down: block writes, or degrade (acknowledge, report as degraded).
     #[arg(long, default_value = "block")]
     pub on_link_loss: String,
+    /// With --on-link-loss degrade: degrade as soon as the DR leaves an order batch unanswered
+    /// this long, instead of only once its link is declared down (5 s of silence over TCP).
+    /// The most a slow or silent link holds a write.
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..=600_000))]
+    pub degrade_after_ms: Option<u64>,
     /// Heartbeat interval to the aux in milliseconds.
     #[arg(long, default_value_t = 20)]
     pub heartbeat_ms: u64,
@@ -282,8 +287,6 @@ where
 
 pub fn primary(args: PrimaryArgs) -> Result<ExitCode, String> {
     let psk = args.shared.psk()?;
-    let volume_bytes = ordinal_runtime::storage::device_size_bytes(&args.volume)?;
-    let geometry = args.shared.geometry(volume_bytes)?;
     let mode = Mode::parse(&args.mode).ok_or_else(|| {
         format!(
             "unknown mode {:?}: use order-sync, sync or async",
@@ -299,6 +302,11 @@ pub fn primary(args: PrimaryArgs) -> Result<ExitCode, String> {
             ))
         }
     };
+    if args.degrade_after_ms.is_some() && link_loss_policy != LinkLossPolicy::Degrade {
+        return Err("--degrade-after-ms needs --on-link-loss degrade".into());
+    }
+    let volume_bytes = ordinal_runtime::storage::device_size_bytes(&args.volume)?;
+    let geometry = args.shared.geometry(volume_bytes)?;
     let options = PrimaryOptions {
         listen: args.listen,
         volume: args.volume,
@@ -306,6 +314,7 @@ pub fn primary(args: PrimaryArgs) -> Result<ExitCode, String> {
         geometry,
         mode,
         link_loss_policy,
+        degrade_after: args.degrade_after_ms.map(Duration::from_millis),
         epoch: args.shared.epoch,
         dr: args.dr,
         aux: args.aux,

@@ -70,7 +70,15 @@ fn line(json: &str, before: Option<&(String, Instant)>, elapsed: Duration) -> (S
             };
             let state = match text(json, "stopped") {
                 Some(stop) if !stop.is_empty() => format!("STOPPED {stop}"),
-                _ if flag(json, "dr_link_up") == Some(false) => "DR link down".into(),
+                _ if flag(json, "dr_link_up") == Some(false) => {
+                    if flag(json, "degraded") == Some(true) {
+                        "DR link down, degraded".into()
+                    } else {
+                        "DR link down".into()
+                    }
+                }
+                // Degraded with the link up: the DR's answer is overdue (--degrade-after-ms).
+                _ if flag(json, "degraded") == Some(true) => "degraded, DR late".into(),
                 _ if flag(json, "aux_connected") == Some(false) => "aux down".into(),
                 _ => "ok".into(),
             };
@@ -214,6 +222,25 @@ mod tests {
             "no rate without a previous answer: {row}"
         );
         assert!(row.ends_with("STOPPED FencedByAux"), "{row}");
+    }
+
+    #[test]
+    fn a_degraded_primary_says_whether_its_dr_link_is_down_or_its_dr_late() {
+        let late = PRIMARY.replace(
+            "\"dr_link_up\":true",
+            "\"dr_link_up\":true,\"degraded\":true",
+        );
+        assert!(line(&late, None, Duration::ZERO)
+            .1
+            .ends_with("degraded, DR late"));
+        let down = late.replace("\"dr_link_up\":true", "\"dr_link_up\":false");
+        assert!(line(&down, None, Duration::ZERO)
+            .1
+            .ends_with("DR link down, degraded"));
+        let blocked = PRIMARY.replace("\"dr_link_up\":true", "\"dr_link_up\":false");
+        assert!(line(&blocked, None, Duration::ZERO)
+            .1
+            .ends_with("DR link down"));
     }
 
     #[test]

@@ -163,6 +163,49 @@ fn with_degrade_writes_acknowledged_while_the_dr_link_is_down_are_reported_if_lo
 }
 
 #[test]
+fn with_degrade_after_a_silent_dr_link_is_degraded_before_it_is_declared_down() {
+    // Checks --degrade-after-ms through the same silent link (seeds 1-3): the primary must
+    // degrade once the DR leaves an order batch unanswered for 1 s, well before the 5 s that
+    // declare the link down. Seed 1's silence outlasts both, seed 3 is killed while silent
+    // after a write sent into the silence was acknowledged (which only degrading allows
+    // before the link is declared down), and that write must be reported lost. Every run is
+    // verified as above.
+    let stdout = demo_with(
+        &["--on-link-loss", "degrade", "--degrade-after-ms", "1000"],
+        "dr-link",
+        3,
+        1,
+        600,
+    );
+    for seed in [1u64, 3] {
+        let line = stdout
+            .lines()
+            .find(|line| line.starts_with(&format!("seed {seed}: ")))
+            .unwrap_or_else(|| panic!("no line for seed {seed}:\n{stdout}"));
+        assert!(
+            line.contains("degraded on a late answer 1 time(s)"),
+            "the primary did not degrade on the DR's silence: {line}"
+        );
+        if seed == 3 {
+            assert!(line.contains("so far), kill primary"), "{line}");
+            assert!(
+                line.contains("went down 0 time(s)"),
+                "killed before the link was declared down: {line}"
+            );
+            let acked_lost: u64 = line
+                .split_once(" lost (")
+                .and_then(|(_, after)| after.split(' ').next())
+                .and_then(|count| count.parse().ok())
+                .unwrap_or_else(|| panic!("no count of acknowledged lost writes in {line:?}"));
+            assert!(
+                acked_lost >= 1,
+                "no degraded acknowledgement was lost:\n{line}"
+            );
+        }
+    }
+}
+
+#[test]
 fn a_primary_cut_off_from_the_aux_is_fenced_and_fails_its_writes() {
     // Checks the split the lease and the fencing are for: the primary's link to the aux falls
     // silent while the primary runs on and still reaches the DR, and the aux fences it.

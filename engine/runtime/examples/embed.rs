@@ -106,6 +106,7 @@ fn run() -> Result<Vec<String>, String> {
         geometry,
         mode: Mode::OrderSync,
         link_loss_policy: LinkLossPolicy::Block,
+        degrade_after: None,
         epoch: 1,
         dr,
         aux,

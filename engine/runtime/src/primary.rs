@@ -36,6 +36,9 @@ pub struct PrimaryOptions {
     pub geometry: Geometry,
     pub mode: Mode,
     pub link_loss_policy: LinkLossPolicy,
+    /// With the degrade policy: degrade as soon as the DR leaves an order batch unanswered this
+    /// long, not only once its link is declared down (`PrimaryConfig::degrade_after_ns`).
+    pub degrade_after: Option<Duration>,
     pub epoch: Epoch,
     pub dr: SocketAddr,
     pub aux: SocketAddr,
@@ -158,6 +161,9 @@ pub struct PrimaryStatus {
     pub lag_ops: u64,
     pub lag_bytes: u64,
     pub dr_link_up: bool,
+    /// Writes are acknowledged without the DR: the degrade policy, with the DR link down or
+    /// (`PrimaryOptions::degrade_after`) the DR's answer overdue.
+    pub degraded: bool,
     pub aux_connected: bool,
     /// Set for good once the primary stops taking writes. `FencedByAux` and `FencedByDr` mean
     /// that a failover took the volume over: the DR is now the primary.
@@ -357,6 +363,10 @@ pub async fn run_primary(
     config.order_batches_inflight_max = options.tuning.order_batches_inflight_max;
     config.payload_writes_inflight_max = options.tuning.payload_writes_inflight_max;
     config.link_loss_policy = options.link_loss_policy;
+    if options.degrade_after.is_some() && options.link_loss_policy != LinkLossPolicy::Degrade {
+        return Err("a time to degrade after is a setting of the degrade link-loss policy".into());
+    }
+    config.degrade_after_ns = options.degrade_after.map(|after| after.as_nanos() as u64);
     config.epoch = options.epoch;
     config.heartbeat_interval_ns = options.heartbeat_interval.as_nanos() as u64;
     config.lease_ns = options.lease.as_nanos() as u64;
@@ -559,6 +569,18 @@ pub async fn run_primary(
         execute_actions(node, &senders.local);
         settle_flushes(node);
         let (before, after) = (status.get(), status_of(node));
+        // A link declared down has its own line; a DR that is late while its link is up has
+        // these, so that the log shows when acknowledgements stopped waiting for it.
+        if before.degraded != after.degraded && before.dr_link_up && after.dr_link_up {
+            if after.degraded {
+                crate::log!(
+                    "primary: the DR left an order batch unanswered for {} ms: acknowledging writes without it (degraded) until it answers",
+                    options.degrade_after.unwrap_or_default().as_millis()
+                );
+            } else {
+                crate::log!("primary: the DR answers again: no longer degraded");
+            }
+        }
         if before != after {
             status.set(after);
             notify(&mut subscribers.borrow_mut(), &before, &after);
@@ -579,6 +601,7 @@ fn status_of(node: &PrimaryNode) -> PrimaryStatus {
         lag_ops,
         lag_bytes,
         dr_link_up: primary.is_dr_link_up(),
+        degraded: primary.is_degraded(),
         aux_connected: node.aux.is_some(),
         stopped: primary.stopped(),
     }
@@ -627,8 +650,7 @@ fn settle_flushes(node: &mut PrimaryNode) {
     }
     let held_through = node.primary.order_acked_through();
     let stopped = node.primary.stopped();
-    let degraded = node.primary.config().link_loss_policy == LinkLossPolicy::Degrade
-        && !node.primary.is_dr_link_up();
+    let degraded = node.primary.is_degraded();
     node.flushes.retain(|(through, reply)| {
         let answer = if *through <= held_through || degraded {
             Ok(())
@@ -1024,7 +1046,7 @@ fn status_json(node: &mut PrimaryNode, mode: Mode) -> String {
     let stats = primary.stats();
     let (lag_ops, lag_bytes) = primary.lag();
     format!(
-        "{{\"role\":\"primary\",\"epoch\":{},\"mode\":\"{}\",\"stopped\":{},\"last_seq\":{},\"last_acked_seq\":{},\"order_acked_through\":{},\"payload_done_through\":{},\"dr_applied_through\":{},\"lag_ops\":{},\"lag_bytes\":{},\"ring_used_bytes\":{},\"ring_bytes\":{},\"dr_link_up\":{},\"aux_connected\":{},\"lease_valid\":{},\"admitted\":{},\"acked\":{},\"acked_degraded\":{},\"backpressure\":{},\"waiting_clients\":{},\"order_round_trip_us\":{{\"count\":{},\"p50\":{},\"p99\":{}}},\"ack_latency_last_second_us\":{}}}",
+        "{{\"role\":\"primary\",\"epoch\":{},\"mode\":\"{}\",\"stopped\":{},\"last_seq\":{},\"last_acked_seq\":{},\"order_acked_through\":{},\"payload_done_through\":{},\"dr_applied_through\":{},\"lag_ops\":{},\"lag_bytes\":{},\"ring_used_bytes\":{},\"ring_bytes\":{},\"dr_link_up\":{},\"degraded\":{},\"aux_connected\":{},\"lease_valid\":{},\"admitted\":{},\"acked\":{},\"acked_degraded\":{},\"backpressure\":{},\"waiting_clients\":{},\"order_round_trip_us\":{{\"count\":{},\"p50\":{},\"p99\":{}}},\"ack_latency_last_second_us\":{}}}",
         primary.config().epoch,
         mode.name(),
         admin::json_string(&primary.stopped().map(|s| format!("{s:?}")).unwrap_or_default()),
@@ -1038,6 +1060,7 @@ fn status_json(node: &mut PrimaryNode, mode: Mode) -> String {
         primary.ring_used_bytes(),
         primary.config().geometry.ring_bytes,
         primary.is_dr_link_up(),
+        primary.is_degraded(),
         node.aux.is_some(),
         crate::now_ns() < primary.lease_until(),
         stats.admitted,
