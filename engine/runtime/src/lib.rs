@@ -38,6 +38,15 @@ macro_rules! log {
     }};
 }
 
+/// Whether `n` is 1, 10, 100, ...: events that may repeat without bound are logged at these
+/// counts, with the count, so that the log stays readable and bounded.
+pub(crate) fn is_power_of_ten(mut n: u64) -> bool {
+    while n >= 10 && n % 10 == 0 {
+        n /= 10;
+    }
+    n == 1
+}
+
 pub mod admin;
 pub mod aux;
 pub mod control;

@@ -240,7 +240,7 @@ impl Connection {
                 self.failed_requests.set(failed);
                 if failed == 1 {
                     crate::log!("{}: NBD request failed: {why}", self.role);
-                } else if is_power_of_ten(failed) {
+                } else if crate::is_power_of_ten(failed) {
                     crate::log!(
                         "{}: {failed} NBD requests failed on this connection so far; the latest: {why}",
                         self.role
@@ -252,13 +252,6 @@ impl Connection {
         drop(session);
         self.wake();
     }
-}
-
-fn is_power_of_ten(mut n: u64) -> bool {
-    while n >= 10 && n % 10 == 0 {
-        n /= 10;
-    }
-    n == 1
 }
 
 async fn serve_client(stream: TcpStream, export: Export) {
@@ -469,7 +462,7 @@ async fn serve_client(stream: TcpStream, export: Export) {
 
 #[cfg(test)]
 mod tests {
-    use super::is_power_of_ten;
+    use crate::is_power_of_ten;
 
     #[test]
     fn failures_are_logged_at_powers_of_ten() {

@@ -310,6 +310,8 @@ struct PrimaryNode {
     replies: HashMap<u64, (Sender<WriteOutcome>, std::time::Instant)>,
     /// From a client write's arrival to its acknowledgement.
     ack_latencies: AckLatencies,
+    /// Times the primary degraded because the DR's answer was overdue (for the log).
+    late_answer_degradations: u64,
     next_client_tag: u64,
     dr: Option<(QueuePair, QueuePair, RegionDescriptor)>,
     aux: Option<(QueuePair, RegionDescriptor)>,
@@ -402,6 +404,7 @@ pub async fn run_primary(
         waiting: VecDeque::new(),
         replies: HashMap::new(),
         ack_latencies: AckLatencies::new(),
+        late_answer_degradations: 0,
         next_client_tag: 1,
         dr: None,
         aux: None,
@@ -570,14 +573,20 @@ pub async fn run_primary(
         settle_flushes(node);
         let (before, after) = (status.get(), status_of(node));
         // A link declared down has its own line; a DR that is late while its link is up has
-        // these, so that the log shows when acknowledgements stopped waiting for it.
+        // these, so that the log shows when acknowledgements stopped waiting for it. A short
+        // --degrade-after-ms on a busy link may flap many times a second: the 1st, 10th,
+        // 100th... time is logged, with the count.
         if before.degraded != after.degraded && before.dr_link_up && after.dr_link_up {
             if after.degraded {
-                crate::log!(
-                    "primary: the DR left an order batch unanswered for {} ms: acknowledging writes without it (degraded) until it answers",
-                    options.degrade_after.unwrap_or_default().as_millis()
-                );
-            } else {
+                node.late_answer_degradations += 1;
+                if crate::is_power_of_ten(node.late_answer_degradations) {
+                    crate::log!(
+                        "primary: the DR left an order batch unanswered for {} ms: acknowledging writes without it (degraded) until it answers ({} time(s) so far)",
+                        options.degrade_after.unwrap_or_default().as_millis(),
+                        node.late_answer_degradations
+                    );
+                }
+            } else if crate::is_power_of_ten(node.late_answer_degradations) {
                 crate::log!("primary: the DR answers again: no longer degraded");
             }
         }
