@@ -73,8 +73,8 @@ pub struct DemoArgs {
     pub dr_apply_delay_ms: u64,
     /// The primary's `--on-link-loss`: block (acknowledgements wait for the DR) or degrade
     /// (while the DR link is down, a write is acknowledged once the aux names it). With
-    /// degrade, writes acknowledged from the moment a dr-link fault starts are checked as
-    /// possibly degraded: they need not be held by the DR (I6), but each must still be applied
+    /// degrade, writes acknowledged from the moment a dr-link fault starts or the DR is killed
+    /// are checked as possibly degraded: they need not be held by the DR (I6), but each must still be applied
     /// or in the loss report (I4).
     #[arg(long, default_value = "block", value_parser = ["block", "degrade"])]
     pub on_link_loss: String,
@@ -411,7 +411,8 @@ pub fn run_once(args: &DemoArgs, exe: &Path, seed: u64, dir: &Path) -> Result<Ru
     // For aux-link: the failover's report and the files, taken when the DR had promoted itself.
     let mut at_promotion: Option<AtPromotion> = None;
     let mut lease_broken: Option<String> = None;
-    // When a dr-link fault started: with degrade, acknowledgements from then on may be degraded.
+    // When a dr-link fault started or the DR was killed: with degrade, acknowledgements from
+    // then on may be degraded.
     let mut link_fault_from: Option<Instant> = None;
     // A link fault must find its link up. Acknowledgements alone do not show that: with
     // degrade they come without the DR, and a small draw of kill_after waits for none. (A
@@ -555,6 +556,11 @@ pub fn run_once(args: &DemoArgs, exe: &Path, seed: u64, dir: &Path) -> Result<Ru
         "dr" | "aux" => {
             wait_for_acks(&workload, kill_after / 2, limit)?;
             let node = if kill == "dr" { &mut dr } else { &mut aux };
+            if kill == "dr" {
+                // Its connections close with it: with degrade, the primary acknowledges
+                // without the DR from here until it is back.
+                link_fault_from = Some(Instant::now());
+            }
             node.kill();
             std::thread::sleep(Duration::from_millis(below(&mut rng, 300)));
             // Restart on the same address (it was announced; the others reconnect to it).
