@@ -24,8 +24,9 @@ pub struct Shared {
     /// Directory for this node's state files (DR order log and staging ring, aux table).
     #[arg(long, default_value = "ordinal-state")]
     pub state_dir: PathBuf,
-    /// Size of the DR's staging ring in MiB: how much payload may be in flight or unapplied.
-    #[arg(long, default_value_t = 64)]
+    /// Size of the DR's staging ring in MiB: how much payload may be in flight or unapplied
+    /// (1 MiB to 1 TiB; the primary and the DR each hold it in memory).
+    #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u64).range(1..=1 << 20))]
     pub ring_mib: u64,
     /// Slots of the status table (a power of two): how many ops may be in flight at once.
     #[arg(long, default_value_t = 4096)]
@@ -33,8 +34,8 @@ pub struct Shared {
     /// Sector size in bytes: writes are aligned to it (at least the volume's direct-I/O alignment).
     #[arg(long, default_value_t = 4096)]
     pub sector_bytes: u32,
-    /// Largest single write in KiB.
-    #[arg(long, default_value_t = 1024)]
+    /// Largest single write in KiB (up to 65536: 64 MiB).
+    #[arg(long, default_value_t = 1024, value_parser = clap::value_parser!(u32).range(1..=65536))]
     pub max_write_kib: u32,
     /// Epoch of the replication stream (raised by each failover).
     #[arg(long, default_value_t = 1)]

@@ -55,6 +55,48 @@ fn bad_arguments_are_refused_clearly() {
     let (code, _, stderr) = ordinal(&["bench", "--nbd", "127.0.0.1:9", "--queue-depths", "0"]);
     assert_ne!(code, 0);
     assert!(stderr.contains("queue depth 0: from 1 to 256"), "{stderr}");
+    // Sizes that would overflow when turned into bytes are refused by the parser: 2^44 + 64
+    // MiB once wrapped silently to a 64 MiB ring.
+    let (code, _, stderr) = ordinal(&[
+        "aux",
+        "--psk-file",
+        "/nonexistent",
+        "--ring-mib",
+        "17592186044480",
+    ]);
+    assert_eq!(code, 2);
+    assert!(stderr.contains("is not in 1..=1048576"), "{stderr}");
+    let (code, _, stderr) = ordinal(&[
+        "dr",
+        "--psk-file",
+        "/nonexistent",
+        "--max-write-kib",
+        "4194304",
+    ]);
+    assert_eq!(code, 2);
+    assert!(stderr.contains("is not in 1..=65536"), "{stderr}");
+    // A setting of the degrade policy without it: refused before the volume is opened.
+    let psk = std::env::temp_dir().join(format!("ordinal-cli-psk-{}", std::process::id()));
+    std::fs::write(&psk, "0123456789abcdef0123456789abcdef").expect("psk");
+    let (code, _, stderr) = ordinal(&[
+        "primary",
+        "--psk-file",
+        &psk.to_string_lossy(),
+        "--volume",
+        "/nonexistent",
+        "--dr",
+        "127.0.0.1:9",
+        "--aux",
+        "127.0.0.1:9",
+        "--degrade-after-ms",
+        "100",
+    ]);
+    let _ = std::fs::remove_file(&psk);
+    assert_ne!(code, 0);
+    assert!(
+        stderr.contains("--degrade-after-ms needs --on-link-loss degrade"),
+        "{stderr}"
+    );
     let (code, stdout, _) = ordinal(&["--help"]);
     assert_eq!(code, 0);
     assert!(stdout.contains("sim"), "{stdout}");
