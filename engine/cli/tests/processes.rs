@@ -47,6 +47,22 @@ fn demo_with(extra: &[&str], kill: &str, runs: u64, seed: u64, writes: u64) -> S
     stdout
 }
 
+/// The demo's line for `seed`.
+fn seed_line(stdout: &str, seed: u64) -> &str {
+    stdout
+        .lines()
+        .find(|line| line.starts_with(&format!("seed {seed}: ")))
+        .unwrap_or_else(|| panic!("no line for seed {seed}:\n{stdout}"))
+}
+
+/// The number that follows `after` in a demo line ("lost (N of them acked)", "answered N").
+fn count_after(line: &str, after: &str) -> u64 {
+    line.split_once(after)
+        .and_then(|(_, rest)| rest.split(' ').next())
+        .and_then(|count| count.parse().ok())
+        .unwrap_or_else(|| panic!("no count after {after:?} in {line:?}"))
+}
+
 #[test]
 fn kill_the_primary_at_random_instants_under_load_fifty_times() {
     // Checks 50 runs, each killing the primary at a drawn instant with writes in flight, then
@@ -105,23 +121,8 @@ fn the_primary_dr_link_falls_silent_under_load_and_nothing_is_lost() {
     // a shorter silence that the connections ride out; 3, the primary killed while the link
     // is still silent, so the writes the DR never heard of are in the loss report.
     let stdout = demo("dr-link", 4, 1, 600);
-    let line = |seed: u64| {
-        stdout
-            .lines()
-            .find(|line| line.starts_with(&format!("seed {seed}: ")))
-            .unwrap_or_else(|| panic!("no line for seed {seed}:\n{stdout}"))
-    };
-    let downs = |seed: u64| -> usize {
-        let line = line(seed);
-        let (_, after) = line
-            .split_once("DR link went down ")
-            .unwrap_or_else(|| panic!("no link count in {line:?}"));
-        after
-            .split(' ')
-            .next()
-            .and_then(|count| count.parse().ok())
-            .unwrap_or_else(|| panic!("no link count in {line:?}"))
-    };
+    let line = |seed: u64| seed_line(&stdout, seed);
+    let downs = |seed: u64| count_after(line(seed), "DR link went down ");
     assert!(line(1).contains("carried again"), "{stdout}");
     assert!(
         downs(1) >= 1,
@@ -146,18 +147,10 @@ fn with_degrade_writes_acknowledged_while_the_dr_link_is_down_are_reported_if_lo
     // acknowledgement: those writes never reached the DR, and the loss report must list them
     // (I4; the demo exempts writes acknowledged from the fault's start from I6 only).
     let stdout = demo_with(&["--on-link-loss", "degrade"], "dr-link", 3, 1, 600);
-    let line = stdout
-        .lines()
-        .find(|line| line.starts_with("seed 3: "))
-        .unwrap_or_else(|| panic!("no line for seed 3:\n{stdout}"));
+    let line = seed_line(&stdout, 3);
     assert!(line.contains("so far), kill primary"), "{line}");
-    let acked_lost: u64 = line
-        .split_once(" lost (")
-        .and_then(|(_, after)| after.split(' ').next())
-        .and_then(|count| count.parse().ok())
-        .unwrap_or_else(|| panic!("no count of acknowledged lost writes in {line:?}"));
     assert!(
-        acked_lost >= 1,
+        count_after(line, " lost (") >= 1,
         "no degraded acknowledgement was lost and reported:\n{line}"
     );
 }
@@ -178,10 +171,7 @@ fn with_degrade_after_a_silent_dr_link_is_degraded_before_it_is_declared_down() 
         600,
     );
     for seed in [1u64, 3] {
-        let line = stdout
-            .lines()
-            .find(|line| line.starts_with(&format!("seed {seed}: ")))
-            .unwrap_or_else(|| panic!("no line for seed {seed}:\n{stdout}"));
+        let line = seed_line(&stdout, seed);
         assert!(
             !line.contains("degraded on a late answer 0 time(s)")
                 && line.contains("degraded on a late answer"),
@@ -193,13 +183,8 @@ fn with_degrade_after_a_silent_dr_link_is_degraded_before_it_is_declared_down() 
                 line.contains("went down 0 time(s)"),
                 "killed before the link was declared down: {line}"
             );
-            let acked_lost: u64 = line
-                .split_once(" lost (")
-                .and_then(|(_, after)| after.split(' ').next())
-                .and_then(|count| count.parse().ok())
-                .unwrap_or_else(|| panic!("no count of acknowledged lost writes in {line:?}"));
             assert!(
-                acked_lost >= 1,
+                count_after(line, " lost (") >= 1,
                 "no degraded acknowledgement was lost:\n{line}"
             );
         }
@@ -243,21 +228,14 @@ fn a_primary_cut_off_from_the_aux_is_fenced_and_fails_its_writes() {
     // kills above.
     let stdout = demo("aux-link", 4, 1, 600);
     for seed in 1..=4u64 {
-        let line = stdout
-            .lines()
-            .find(|line| line.starts_with(&format!("seed {seed}: ")))
-            .unwrap_or_else(|| panic!("no line for seed {seed}:\n{stdout}"));
+        let line = seed_line(&stdout, seed);
         let expected = if seed % 2 == 1 {
             "failed over by itself"
         } else {
             "refused at the aux's handshake"
         };
         assert!(line.contains(expected), "expected {expected:?}: {line}");
-        let errors: u64 = line
-            .split_once("answered ")
-            .and_then(|(_, after)| after.split(' ').next())
-            .and_then(|count| count.parse().ok())
-            .unwrap_or_else(|| panic!("no error count in {line:?}"));
+        let errors = count_after(line, "answered ");
         assert!(errors >= 1, "the fenced primary failed no write:\n{line}");
     }
 }
