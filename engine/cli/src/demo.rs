@@ -19,6 +19,7 @@ use std::time::{Duration, Instant};
 
 use clap::Args;
 
+use ordinal_runtime::primary::LOG_DEGRADED_ON_LATE_ANSWER;
 use ordinal_runtime::transport::TRANSPORT_TIMEOUT;
 use ordinal_sim::rng::Rng;
 
@@ -84,9 +85,6 @@ pub struct DemoArgs {
     #[arg(long, value_parser = clap::value_parser!(u64).range(1..=600_000))]
     pub degrade_after_ms: Option<u64>,
 }
-
-/// What the primary logs when it degrades on a late DR answer (`--degrade-after-ms`).
-const DEGRADED_ON_LATE_ANSWER: &str = "primary: the DR left an order batch unanswered";
 
 /// Draws below `n` (at least 1) from the simulator's seeded PRNG.
 fn below(rng: &mut Rng, n: u64) -> u64 {
@@ -604,19 +602,19 @@ pub fn run_once(args: &DemoArgs, exe: &Path, seed: u64, dir: &Path) -> Result<Ru
     dr.kill();
     aux.kill();
     drop(relay);
+    let primary_log_text = std::fs::read_to_string(&primary_log).unwrap_or_default();
     if kill == "dr-link" {
         // What the primary made of the silence, from its log: a silence past the transport
         // timeout fails the connections, a shorter one must not.
-        let log = std::fs::read_to_string(&primary_log).unwrap_or_default();
-        let downs = log.matches("primary: DR link down").count();
+        let downs = primary_log_text.matches("primary: DR link down").count();
         fault.push_str(&format!(
             " (the primary's DR link went down {downs} time(s)"
         ));
         if args.degrade_after_ms.is_some() {
             // The primary logs the 1st, 10th, 100th... time with the count so far.
-            let late = log
+            let late = primary_log_text
                 .lines()
-                .filter(|line| line.contains(DEGRADED_ON_LATE_ANSWER))
+                .filter(|line| line.contains(LOG_DEGRADED_ON_LATE_ANSWER))
                 .filter_map(|line| {
                     line.rsplit_once(" (")?
                         .1
@@ -646,10 +644,8 @@ pub fn run_once(args: &DemoArgs, exe: &Path, seed: u64, dir: &Path) -> Result<Ru
     // not; over NBD a client cannot tell which acknowledgements those were. So once the
     // primary's log says it did, every acknowledgement is checked as possibly degraded (held
     // to I4, not to I6); as long as it never did, I6 holds for them as without the flag.
-    let degraded_on_late_answer = args.degrade_after_ms.is_some()
-        && std::fs::read_to_string(&primary_log)
-            .unwrap_or_default()
-            .contains(DEGRADED_ON_LATE_ANSWER);
+    let degraded_on_late_answer =
+        args.degrade_after_ms.is_some() && primary_log_text.contains(LOG_DEGRADED_ON_LATE_ANSWER);
     let degraded: Vec<bool> = match (args.on_link_loss.as_str(), link_fault_from) {
         ("degrade", _) if degraded_on_late_answer => vec![true; writes.len()],
         ("degrade", Some(from)) => workload

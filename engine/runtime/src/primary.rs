@@ -146,6 +146,10 @@ pub enum PrimaryEvent {
     Flush { reply: Sender<Result<(), String>> },
 }
 
+/// How the primary's log line begins when it degrades because the DR's answer is overdue
+/// (`PrimaryOptions::degrade_after`); `ordinal demo` looks for it.
+pub const LOG_DEGRADED_ON_LATE_ANSWER: &str = "primary: the DR left an order batch unanswered";
+
 /// What an embedder sees of a running primary ([`PrimaryHandle::status`]).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct PrimaryStatus {
@@ -581,7 +585,7 @@ pub async fn run_primary(
                 node.late_answer_degradations += 1;
                 if crate::is_power_of_ten(node.late_answer_degradations) {
                     crate::log!(
-                        "primary: the DR left an order batch unanswered for {} ms: acknowledging writes without it (degraded) until it answers ({} time(s) so far)",
+                        "{LOG_DEGRADED_ON_LATE_ANSWER} for {} ms: acknowledging writes without it (degraded) until it answers ({} time(s) so far)",
                         options.degrade_after.unwrap_or_default().as_millis(),
                         node.late_answer_degradations
                     );
