@@ -364,3 +364,48 @@ fn a_volume_size_mismatch_is_named() {
     assert!(stderr.contains("missing.vol"), "{stderr}");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn a_second_daemon_on_an_address_in_use_is_refused_and_the_first_keeps_serving() {
+    // Starts an aux, then a second aux on the same address. The second must exit with a line
+    // naming the address in use, and the first must still answer. (glommio's own bind sets
+    // SO_REUSEPORT, under which the second bound too and the kernel split new connections
+    // between the two daemons, without a word.)
+    let dir = std::env::temp_dir().join(format!("ordinal-address-in-use-{}", std::process::id()));
+    let (_aux, addr, psk) = start_aux(&dir);
+    let mut second = ordinal()
+        .args(["aux", "--listen", &addr.to_string(), "--table-slots", "64"])
+        .arg("--psk-file")
+        .arg(&psk)
+        .arg("--state-dir")
+        .arg(dir.join("second-state"))
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let started = std::time::Instant::now();
+    let status = loop {
+        if let Some(status) = second.try_wait().unwrap() {
+            break status;
+        }
+        if started.elapsed() > Duration::from_secs(10) {
+            let _ = second.kill();
+            panic!("a second aux on {addr} was still running after 10 s");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(&mut second.stderr.take().unwrap(), &mut stderr).unwrap();
+    assert!(!status.success(), "{stderr}");
+    assert!(
+        stderr.contains(&format!("cannot listen on {addr}")),
+        "{stderr}"
+    );
+    assert!(stderr.contains("in use"), "{stderr}");
+
+    let key = ordinal_runtime::read_psk(&psk).unwrap();
+    let answer =
+        ordinal_runtime::admin::request(addr, &key, "status", Duration::from_secs(5)).unwrap();
+    assert!(answer.contains("\"role\":\"aux\""), "{answer}");
+    let _ = std::fs::remove_dir_all(&dir);
+}

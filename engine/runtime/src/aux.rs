@@ -9,7 +9,6 @@ use std::path::PathBuf;
 use std::rc::Rc;
 use std::time::Duration;
 
-use glommio::net::TcpListener;
 use ordinal_proto::aux::{aux_region_bytes, Aux, AuxAction, AuxConfig, AUX_PRIMARY_AREA_OFFSET};
 use ordinal_proto::primary::aux_primary_area_bytes;
 use ordinal_proto::{Epoch, Geometry};
@@ -158,7 +157,7 @@ pub async fn run_aux(options: AuxOptions) -> Result<(), String> {
         pending_notice: None,
     }));
 
-    let listener = TcpListener::bind(options.listen)
+    let listener = crate::listen_exclusive(options.listen)
         .map_err(|error| format!("cannot listen on {}: {error}", options.listen))?;
     let local = listener.local_addr().map_err(|error| error.to_string())?;
     let (inputs, senders) = admin::inputs::<()>("aux", Duration::from_millis(5));

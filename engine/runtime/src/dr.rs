@@ -10,7 +10,6 @@ use std::rc::Rc;
 use std::time::Duration;
 
 use crate::Sender;
-use glommio::net::TcpListener;
 use memmap2::MmapMut;
 use ordinal_proto::dr::{dr_log_bytes, Dr, DrAction, DrConfig, DrRole};
 use ordinal_proto::primary::aux_primary_area_bytes;
@@ -192,7 +191,7 @@ pub async fn run_dr(options: DrOptions) -> Result<(), String> {
         serve_promoted(&node.borrow().volume);
     }
 
-    let listener = TcpListener::bind(options.listen)
+    let listener = crate::listen_exclusive(options.listen)
         .map_err(|error| format!("cannot listen on {}: {error}", options.listen))?;
     let local = listener.local_addr().map_err(|error| error.to_string())?;
     let (inputs, senders) = admin::inputs::<DrEvent>("dr", Duration::from_millis(5));

@@ -47,6 +47,21 @@ pub(crate) fn is_power_of_ten(mut n: u64) -> bool {
     n == 1
 }
 
+/// Listens on `addr` as the only listener there. glommio's `TcpListener::bind` sets
+/// SO_REUSEPORT (meant for one listener per core of one program), which lets a second daemon
+/// bind an address already in use, and the kernel then spreads new connections over both: a
+/// DR or aux started twice by mistake would each take part of the peers' queue pairs, silently.
+/// std's bind sets only SO_REUSEADDR (a listener may reuse a port whose old connections are in
+/// TIME_WAIT, never one another listener holds), so an address in use fails here with
+/// EADDRINUSE, and the socket is then handed to glommio. Call it on an executor's thread.
+pub fn listen_exclusive(addr: std::net::SocketAddr) -> std::io::Result<glommio::net::TcpListener> {
+    use std::os::fd::{FromRawFd, IntoRawFd};
+    let listener = std::net::TcpListener::bind(addr)?;
+    // SAFETY: `into_raw_fd` gives up ownership of a bound, listening socket, and glommio's
+    // listener takes it over (and closes it when dropped); nothing else holds the descriptor.
+    Ok(unsafe { glommio::net::TcpListener::from_raw_fd(listener.into_raw_fd()) })
+}
+
 pub mod admin;
 pub mod aux;
 pub mod control;

@@ -24,7 +24,7 @@ use std::time::Duration;
 
 use futures_lite::{AsyncReadExt, AsyncWriteExt};
 use glommio::channels::local_channel::{self, LocalSender};
-use glommio::net::{TcpListener, TcpStream};
+use glommio::net::TcpStream;
 use glommio::sync::{Semaphore, StaticPermit};
 use ordinal_nbd::{Event, NbdError, ServerConfig, ServerSession};
 use ordinal_proto::Geometry;
@@ -169,7 +169,7 @@ impl Export {
 /// Binds `listen` and serves `export` until the process ends; each client connection is its
 /// own task. Fails only if the address cannot be bound.
 pub async fn serve(listen: SocketAddr, export: Export) -> Result<(), String> {
-    let listener = TcpListener::bind(listen)
+    let listener = crate::listen_exclusive(listen)
         .map_err(|error| format!("cannot serve NBD on {listen}: {error}"))?;
     if let Ok(addr) = listener.local_addr() {
         let role = match export {

@@ -12,7 +12,6 @@ use std::path::PathBuf;
 use std::rc::Rc;
 use std::time::Duration;
 
-use glommio::net::TcpListener;
 use hdrhistogram::Histogram;
 use ordinal_proto::primary::{
     AuxWriteTag, Primary, PrimaryAction, PrimaryConfig, PrimaryStop, WriteRefused,
@@ -379,7 +378,7 @@ pub async fn run_primary(
     if config.lease_ns <= config.heartbeat_interval_ns {
         return Err("the lease must be longer than the heartbeat interval".into());
     }
-    let listener = TcpListener::bind(options.listen)
+    let listener = crate::listen_exclusive(options.listen)
         .map_err(|error| format!("cannot listen on {}: {error}", options.listen))?;
     let local_addr = listener.local_addr().map_err(|error| error.to_string())?;
     let (inputs, senders) = admin::inputs::<PrimaryEvent>("primary", Duration::from_millis(2));
