@@ -398,6 +398,44 @@ fn a_dr_crash_and_restart_loses_nothing() {
     assert_invariants_hold(&world);
 }
 
+/// A DR restarted from an empty state directory has forgotten order records it acknowledged.
+/// The primary must not take its word and replicate on from there: it stops, names the
+/// mismatch with both sides' figures, and acknowledges nothing more.
+#[test]
+fn a_dr_that_forgot_what_it_acknowledged_stops_the_primary_with_both_sides_figures() {
+    let mut world = world(Mode::OrderSync);
+    for n in 1..=4 {
+        write(&mut world, n);
+    }
+    world.run_for(30 * MS);
+    assert!((1..=4).all(|seq| acked(&world, seq)));
+    world.crash_dr();
+    world.run_for(5 * MS);
+    world.restart_dr_from_empty_state();
+    world.run_for(30 * MS);
+    let stopped = world.primary().expect("primary up").stopped();
+    assert_eq!(
+        stopped,
+        Some(PrimaryStop::DrStateMismatch {
+            dr_held_through: 0,
+            dr_applied_through: 0,
+            sent_through: 4,
+            acked_through: 4,
+            applied_through: 4,
+        })
+    );
+    let why = stopped.expect("stopped").to_string();
+    assert!(why.contains("holds order records through seq 0"), "{why}");
+    assert!(why.contains("saw the DR hold through 4"), "{why}");
+    // A write after the stop is refused (never admitted) or at least never acknowledged.
+    write(&mut world, 5);
+    world.run_for(30 * MS);
+    assert!(
+        world.truth().get(4).is_none_or(|op| op.acked_at.is_none()),
+        "a write acknowledged after the mismatch"
+    );
+}
+
 /// The lease: a primary cut off from the aux (but still reaching the DR) keeps acknowledging
 /// only while its last confirmed heartbeat is recent. Once the lease has run out it holds every
 /// acknowledgement, although the DR still acks its order records, so nothing it acknowledges

@@ -190,12 +190,77 @@ pub enum PrimaryStop {
     FencedByAux,
     /// The DR refused us with a newer epoch or because it is failing over.
     FencedByDr { dr_epoch: Epoch },
-    /// The DR answered something impossible (acked more than we sent, went backwards).
-    ProtocolViolation,
+    /// The DR's state contradicts this primary's: it holds more order records than this
+    /// primary sent, or fewer than it acknowledged, or has applied fewer than it reported. Its
+    /// log is persistent and holds only what it was sent, so either the two are not replicating
+    /// the same history (a primary started again without its own, a DR whose state directory was
+    /// replaced or belongs to another volume) or one side is broken. Replication stops rather
+    /// than guess which writes the DR holds.
+    DrStateMismatch {
+        dr_held_through: Seq,
+        dr_applied_through: Seq,
+        /// What this primary had sent (on a reconnection: everything it admitted).
+        sent_through: Seq,
+        /// What the DR had acknowledged holding, and reported applied, before this answer.
+        acked_through: Seq,
+        applied_through: Seq,
+    },
     /// The DR refused a batch as invalid: a bug on one side; replication cannot go on safely.
     RefusedInvalid { seq: Seq },
     /// The local volume failed a write; the volume is in an unknown state.
     LocalWriteFailed { seq: Seq },
+}
+
+impl PrimaryStop {
+    /// A short, stable name (the status JSON's `stopped` field).
+    pub fn name(&self) -> &'static str {
+        match self {
+            PrimaryStop::FencedByAux => "FencedByAux",
+            PrimaryStop::FencedByDr { .. } => "FencedByDr",
+            PrimaryStop::DrStateMismatch { .. } => "DrStateMismatch",
+            PrimaryStop::RefusedInvalid { .. } => "RefusedInvalid",
+            PrimaryStop::LocalWriteFailed { .. } => "LocalWriteFailed",
+        }
+    }
+}
+
+/// What an operator reads in the log and in a failed write's error: the cause, with its
+/// figures, and what it means for the data.
+impl std::fmt::Display for PrimaryStop {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match *self {
+            PrimaryStop::FencedByAux => write!(
+                f,
+                "fenced by the aux (its status table refused our write): a failover has taken the volume"
+            ),
+            PrimaryStop::FencedByDr { dr_epoch } => write!(
+                f,
+                "fenced by the DR (epoch {dr_epoch}, newer than ours, or failing over): the DR has taken the volume"
+            ),
+            PrimaryStop::DrStateMismatch {
+                dr_held_through,
+                dr_applied_through,
+                sent_through,
+                acked_through,
+                applied_through,
+            } => write!(
+                f,
+                "the DR's state does not match this primary's: the DR holds order records through seq {dr_held_through} \
+                 and applied through {dr_applied_through}, while this primary sent through {sent_through}, \
+                 saw the DR hold through {acked_through} and apply through {applied_through}. \
+                 They are not replicating the same history (a primary started again without its own, \
+                 or a DR state directory replaced or from another volume); start the pair afresh or fail over"
+            ),
+            PrimaryStop::RefusedInvalid { seq } => write!(
+                f,
+                "the DR refused the order batch holding seq {seq} as invalid: one side is broken"
+            ),
+            PrimaryStop::LocalWriteFailed { seq } => write!(
+                f,
+                "the local volume failed the write of seq {seq}; its contents are now unknown"
+            ),
+        }
+    }
 }
 
 /// Why a client write was not admitted.
@@ -631,7 +696,13 @@ impl Primary {
             || state.held_through < self.order_acked_through
             || state.applied_through < self.dr_applied_through
         {
-            self.stop(PrimaryStop::ProtocolViolation);
+            self.stop(PrimaryStop::DrStateMismatch {
+                dr_held_through: state.held_through,
+                dr_applied_through: state.applied_through,
+                sent_through,
+                acked_through: self.order_acked_through,
+                applied_through: self.dr_applied_through,
+            });
             return Ok(());
         }
         if hello {

@@ -668,7 +668,7 @@ fn settle_flushes(node: &mut PrimaryNode) {
             Ok(())
         } else if let Some(stop) = stopped {
             Err(format!(
-                "the primary stopped ({stop:?}) before the DR held op {through}"
+                "the primary stopped ({stop}) before the DR held op {through}"
             ))
         } else {
             return true;
@@ -703,7 +703,10 @@ fn admit(node: &mut PrimaryNode, now: u64) {
                 let _ = reply.try_send(WriteOutcome::Failed(format!("invalid write: {error}")));
             }
             Err(WriteRefused::Stopped) => {
-                let why = format!("the primary stopped: {:?}", node.primary.stopped());
+                let why = match node.primary.stopped() {
+                    Some(stop) => format!("the primary stopped: {stop}"),
+                    None => String::from("the primary stopped"),
+                };
                 let _ = reply.try_send(WriteOutcome::Failed(why));
             }
         }
@@ -987,11 +990,10 @@ fn execute_actions(node: &mut PrimaryNode, local: &Sender<PrimaryEvent>) {
                 }
             }
             PrimaryAction::Stopped(stop) => {
-                crate::log!("primary: stopped: {stop:?}; writes are refused from now on");
+                crate::log!("primary: stopped: {stop}; writes are refused from now on");
                 for (_, (reply, _)) in node.replies.drain() {
-                    let _ = reply.try_send(WriteOutcome::Failed(format!(
-                        "the primary stopped: {stop:?}"
-                    )));
+                    let _ = reply
+                        .try_send(WriteOutcome::Failed(format!("the primary stopped: {stop}")));
                 }
             }
         }
@@ -1061,7 +1063,7 @@ fn status_json(node: &mut PrimaryNode, mode: Mode) -> String {
         "{{\"role\":\"primary\",\"epoch\":{},\"mode\":\"{}\",\"stopped\":{},\"last_seq\":{},\"last_acked_seq\":{},\"order_acked_through\":{},\"payload_done_through\":{},\"dr_applied_through\":{},\"lag_ops\":{},\"lag_bytes\":{},\"ring_used_bytes\":{},\"ring_bytes\":{},\"dr_link_up\":{},\"degraded\":{},\"aux_connected\":{},\"lease_valid\":{},\"admitted\":{},\"acked\":{},\"acked_degraded\":{},\"backpressure\":{},\"waiting_clients\":{},\"order_round_trip_us\":{{\"count\":{},\"p50\":{},\"p99\":{}}},\"ack_latency_last_second_us\":{}}}",
         primary.config().epoch,
         mode.name(),
-        admin::json_string(&primary.stopped().map(|s| format!("{s:?}")).unwrap_or_default()),
+        admin::json_string(primary.stopped().map(|s| s.name()).unwrap_or_default()),
         primary.last_seq(),
         node.last_acked,
         primary.order_acked_through(),

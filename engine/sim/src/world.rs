@@ -665,6 +665,18 @@ impl World {
         self.restart(Node::Dr);
     }
 
+    /// Restarts a crashed DR from an empty state directory, as an operator who wiped or replaced
+    /// it would: a blank log and ring, so it holds none of what it acknowledged before (scenario
+    /// tests; what it forgot is lost, which no invariant can survive, so the checker is not for
+    /// this).
+    pub fn restart_dr_from_empty_state(&mut self) {
+        if self.dr_log_at_rest.is_some() {
+            self.dr_log_at_rest = Some(vec![0u8; dr_log_bytes(self.params.geometry.table_slots)]);
+            self.dr_ring.fill(0);
+        }
+        self.restart(Node::Dr);
+    }
+
     /// Runs the whole failover (fence, read the aux table, recover, promote) and returns the
     /// report. Panics if it does not finish within a simulated minute.
     pub fn fail_over(&mut self) -> LossReport {
