@@ -7,3 +7,4 @@ pub mod loopback;
 pub mod output;
 pub mod perftest;
 pub mod sweep;
+pub mod wan_link;

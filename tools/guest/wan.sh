@@ -37,6 +37,7 @@ prog=wan.sh
 . "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
 cd "$repo"
+. tools/wan-lib.sh
 
 delays=5
 rate=100mbit
@@ -108,11 +109,7 @@ run_link() {
               n=\$((n + 1)); [ \$n -le 600 ] || break; sleep 0.2; done
           fi
           kill \$w
-          # Columns of status --watch: acked/s, last seq, lag ops, lag MiB, ... One sample every
-          # 200 ms; the series prints every fifth (about one a second).
-          awk -v phase=\$phase '\$3 ~ /^[0-9]+\$/ { n++; if (\$3 > ops) { ops = \$3; at = n * 0.2 }; if (\$4 > mib) mib = \$4
-                 if (n % 5 == 0) printf \"rpo: %s: at %5.1f s lag %6d ops %8.1f MiB\\n\", phase, n * 0.2, \$3, \$4 }
-               END { printf \"rpo: %s: largest lag seen %d ops (at %.1f s), %.1f MiB: what a failover at that moment would lose\\n\", phase, ops, at, mib }' /tmp/lag.txt
+          awk -v phase=\$phase -f tools/wan-lag.awk /tmp/lag.txt
         done
         echo '== primary status'; $bin status --json --node 10.77.0.1:7410 --psk-file $shared/psk
         [ \$rc -eq 0 ] || tail -n 20 /tmp/primary.log
@@ -129,35 +126,13 @@ run_link() {
     fi
     # busybox ping: "round-trip min/avg/max = 10.4/10.9/11.8 ms"
     rtt[$mode]=$(printf '%s\n' "$log" | sed -n 's|^round-trip min/avg/max = [0-9.]*/\([0-9.]*\)/.*|\1|p' | tail -n 1)
-    burst_lag[$mode]=$(printf '%s\n' "$log" | sed -n 's/^rpo: burst: largest lag seen \([0-9]* ops\) (at [0-9.]* s), \([0-9.]* MiB\).*/\1, \2/p' | tail -n 1)
-    burst_line[$mode]=$(printf '%s\n' "$log" | sed -n 's/^nbd 1048576 B QD [0-9]*: \(.*\)/\1/p' | tail -n 1)
-    while read -r size value; do p50[$mode,$size]=$value; done < <(
-      printf '%s\n' "$log" | sed -n 's/^nbd \([0-9]*\) B QD 1: .* p50 \([0-9]*\) us.*/\1 \2/p')
+    wan_read_mode "$mode" <<<"$log"
     printf '%s\n' "$log" | grep -E '^(== |nbd |round-trip|rpo: |\{)' | sed "s/^/$mode: /"
     rm -rf "$run_dir"
   done
   rm -rf "$shared"
 
-  printf '\nlink: delay %s ms each way, rate %s, %s; ping round trip %s ms (order-sync run), %s ms (sync run)\n' \
-    "$delay_ms" "$rate" "$( ((fifo)) && echo 'one FIFO queue' || echo 'order traffic in a priority band')" "${rtt[order-sync]:-?}" "${rtt[sync]:-?}"
-  printf '%10s %16s %12s %12s %20s\n' "payload" "order-sync p50" "sync p50" "sync / o-s" "o-s p50 / RTT"
-  IFS=, read -r -a size_list <<<"$sizes"
-  for size in "${size_list[@]}"; do
-    os=${p50[order-sync,$size]:-} sy=${p50[sync,$size]:-}
-    [[ -n $os && -n $sy ]] || die "no figure for $size B"
-    awk -v size="$size" -v os="$os" -v sy="$sy" -v rtt="${rtt[order-sync]}" 'BEGIN {
-      printf "%10s %13.1f ms %9.1f ms %11.2fx %19.2fx\n", size " B", os / 1000, sy / 1000, sy / os, os / 1000 / rtt }'
-  done
-  echo "(target: order-sync p50 for 1 MiB <= 1.2x the link round trip)"
-  printf '\nburst of %s writes of 1 MiB, %s in flight:\n' "$burst_writes" "$burst_depth"
-  for mode in order-sync sync; do
-    printf '%10s: %s; largest lag %s\n' "$mode" "${burst_line[$mode]:-?}" "${burst_lag[$mode]:-?}"
-  done
-  for size in "${size_list[@]}"; do
-    all_p50[$delay_ms,order-sync,$size]=${p50[order-sync,$size]}
-    all_p50[$delay_ms,sync,$size]=${p50[sync,$size]}
-  done
-  all_rtt[$delay_ms]=${rtt[order-sync]}
+  wan_link_table "$delay_ms"
 }
 
 IFS=, read -r -a delay_list <<<"$delays"
@@ -165,18 +140,4 @@ for delay_ms in "${delay_list[@]}"; do
   [[ $delay_ms =~ ^[0-9]+$ ]] || die "--delay-ms takes whole milliseconds, comma-separated: $delays"
   run_link "$delay_ms"
 done
-if ((${#delay_list[@]} > 1)); then
-  printf '
-every link (rate %s, %s):
-' "$rate" "$( ((fifo)) && echo 'one FIFO queue' || echo 'order traffic in a priority band')"
-  printf '%9s %10s %10s %16s %12s %12s %16s
-' "each way" "RTT" "payload" "order-sync p50" "sync p50" "sync / o-s" "o-s p50 / RTT"
-  for delay_ms in "${delay_list[@]}"; do
-    for size in "${size_list[@]}"; do
-      awk -v d="$delay_ms" -v size="$size" -v os="${all_p50[$delay_ms,order-sync,$size]}" \
-        -v sy="${all_p50[$delay_ms,sync,$size]}" -v rtt="${all_rtt[$delay_ms]}" 'BEGIN {
-        printf "%6s ms %7.1f ms %10s %13.1f ms %9.1f ms %11.2fx %15.2fx\n", d, rtt, size " B", os / 1000, sy / 1000, sy / os, os / 1000 / rtt }'
-    done
-  done
-  echo "(target: order-sync p50 for 1 MiB <= 1.2x the link round trip)"
-fi
+wan_all_links_table "${delay_list[@]}"
