@@ -895,7 +895,13 @@ fn fail_on_refused_post(
 }
 
 fn execute_actions(node: &mut PrimaryNode, local: &Sender<PrimaryEvent>) {
-    let actions: Vec<PrimaryAction> = node.primary.drain_actions().collect();
+    let mut actions: Vec<PrimaryAction> = node.primary.drain_actions().collect();
+    // Order batches go first: every order-sync acknowledgement waits for one, while a write's
+    // local write and its payload post each copy the whole payload first (the transport
+    // writes a small SEND from the post itself, so the batch is on the wire before those
+    // copies start). Actions of different kinds are independent of one another (queue pairs
+    // keep no order between them); a stable sort keeps each kind's own order.
+    actions.sort_by_key(|action| !matches!(action, PrimaryAction::SendOrderBatch { .. }));
     for action in actions {
         match action {
             PrimaryAction::LocalWrite {

@@ -487,6 +487,9 @@ struct QpState {
     events: Sender<TransportEvent>,
     /// Frames waiting for the writer task.
     out: RefCell<Vec<u8>>,
+    /// The writer task holds frames it has not finished writing: nothing else may write to the
+    /// socket meanwhile, or its bytes would land in the middle of theirs.
+    writer_busy: Cell<bool>,
     wake_writer: Sender<()>,
     /// Work requests posted and not completed, oldest first.
     posted: RefCell<VecDeque<PostedRequest>>,
@@ -723,6 +726,7 @@ impl TcpPair {
             id,
             events,
             out: RefCell::new(Vec::with_capacity(64 << 10)),
+            writer_busy: Cell::new(false),
             wake_writer,
             posted: RefCell::new(VecDeque::new()),
             processed: Cell::new(0),
@@ -852,9 +856,63 @@ impl TcpPair {
         let mut out = self.state.out.borrow_mut();
         header.encode(&mut out);
         out.extend_from_slice(payload);
+        let eager = opcode == Opcode::Send
+            && !self.state.writer_busy.get()
+            && out.len() <= EAGER_SEND_BYTES_MAX;
         drop(out);
-        let _ = self.state.wake_writer.try_send(());
+        if eager {
+            send_now(&self.state);
+        } else {
+            let _ = self.state.wake_writer.try_send(());
+        }
         Ok(())
+    }
+}
+
+/// Frames queued at most for [`send_now`] to write from the poster's own task. Only SENDs go
+/// that way: they are the protocol's messages (order batches, the DR's answers), tens to
+/// hundreds of bytes, few per pass of a role's loop, and latency-bound. One-sided WRITEs
+/// (payloads, status entries) come many to a pass at depth, and the writer task sends them
+/// all with one send(2) once the loop yields; over loopback each send(2) also runs the
+/// receiver's path, so one per WRITE would cost throughput. The limit keeps a post from
+/// copying much into the kernel before the poster's loop carries on.
+const EAGER_SEND_BYTES_MAX: usize = 16 << 10;
+
+/// Writes what waits in `out` now, from the poster's task, instead of waking the writer task:
+/// a posted order batch leaves before the rest of the poster's loop runs (the copies of a
+/// large write's payload, say), and the frame skips a task switch. Callers make sure the writer
+/// task holds nothing (`writer_busy` unset), so the socket's bytes stay in `out`'s order; what
+/// the kernel does not take at once is left to the writer task, and so is any error (its write
+/// meets the same error and fails the pair).
+fn send_now(state: &QpState) {
+    debug_assert!(!state.writer_busy.get());
+    let mut out = state.out.borrow_mut();
+    if out.is_empty() {
+        return;
+    }
+    // An owed ACK rides on whatever goes out anyway, as in the writer task.
+    if state.ack_owed() {
+        encode_ack(state, &mut out);
+    }
+    // SAFETY: send(2) reads `out.len()` bytes from `out`, which is borrowed across the call.
+    // `fd` is the pair's socket and still open: it closes only once both of the pair's tasks
+    // have ended, which happens only after the pair is down, and `post` refuses to reach here
+    // on a pair that is down. A shut-down socket only makes send fail (left to the writer).
+    let sent = unsafe {
+        libc::send(
+            state.fd,
+            out.as_ptr().cast(),
+            out.len(),
+            libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
+        )
+    };
+    if sent > 0 {
+        out.drain(..sent as usize);
+    }
+    let leftover = !out.is_empty();
+    drop(out);
+    if leftover {
+        let _ = state.wake_writer.try_send(());
     }
 }
 
@@ -906,7 +964,9 @@ async fn writer_task(
         if state.ack_owed() {
             encode_ack(&state, &mut spare);
         }
+        state.writer_busy.set(true);
         let result = writer.write_all(&spare).await;
+        state.writer_busy.set(false);
         spare.clear();
         if let Err(error) = result {
             fail_pair(&state, &format!("send failed: {error}"));
@@ -1396,6 +1456,56 @@ mod tests {
                 answers_completed += 1;
             }
             assert_eq!(answerer.outstanding(), 0);
+        });
+    }
+
+    /// Bytes that have reached `qp`'s socket and that its reader task has not read yet.
+    fn unread_bytes(qp: &QueuePair) -> usize {
+        #[allow(irrefutable_let_patterns)]
+        let Backend::Tcp(pair) = &qp.backend
+        else {
+            panic!("a TCP pair")
+        };
+        let mut unread: libc::c_int = 0;
+        // SAFETY: FIONREAD writes one c_int, which lives across the call, for an open socket.
+        let result = unsafe { libc::ioctl(pair.state.fd, libc::FIONREAD, &mut unread) };
+        assert_eq!(result, 0, "FIONREAD: {}", std::io::Error::last_os_error());
+        unread as usize
+    }
+
+    #[test]
+    fn a_small_send_leaves_before_the_poster_yields_and_frames_keep_their_order() {
+        // A small SEND posted while the writer task holds nothing is written by the post
+        // itself: over loopback the peer's socket holds it when post_send returns, before this
+        // task has yielded to any other. A SEND above the eager limit goes through the writer
+        // task, and a small one posted behind it waits its turn: the peer gets all three in
+        // the order they were posted, and all three complete.
+        run(|| async {
+            let ((sender, sender_events), (receiver, receiver_events)) = connected_pairs().await;
+            assert_eq!(unread_bytes(&receiver), 0);
+            sender.post_send(1, b"first").expect("post");
+            assert_eq!(unread_bytes(&receiver), FRAME_HEADER_BYTES + 5);
+            let large = vec![7u8; EAGER_SEND_BYTES_MAX + 1];
+            sender.post_send(2, &large).expect("post");
+            sender.post_send(3, b"third").expect("post");
+            assert_eq!(
+                unread_bytes(&receiver),
+                FRAME_HEADER_BYTES + 5,
+                "the large send and the one behind it wait for the writer task"
+            );
+            for expected in [&b"first"[..], &large, b"third"] {
+                match receiver_events.recv().await.expect("events") {
+                    TransportEvent::Received { bytes, .. } => assert_eq!(bytes, expected),
+                    other => panic!("expected a message, got {other:?}"),
+                }
+            }
+            for wr_id in 1..=3 {
+                assert_eq!(
+                    next_completion(&sender_events).await,
+                    (wr_id, WorkStatus::Success)
+                );
+            }
+            drop(receiver);
         });
     }
 
