@@ -155,12 +155,13 @@ run_link() {
           "${in_site[@]}" "$bin" bench --nbd 127.0.0.1:10809 --sizes "$sizes" --queue-depths 1 --writes "$writes" && rc=0 || rc=$?
         else
           "${in_site[@]}" "$bin" bench --nbd 127.0.0.1:10809 --sizes 1048576 --queue-depths "$burst_depth" --writes "$burst_writes" && rc=0 || rc=$?
-          # The lag drains after the last acknowledgement too: keep sampling until it is gone.
-          n=0
-          while ((rc == 0)) && ! "${in_site[@]}" "$bin" status --json --node 10.77.0.1:7410 --psk-file "$dir/psk" | grep -q '"lag_ops":0,'; do
-            n=$((n + 1)); ((n <= 600)) || break; sleep 0.2
-          done
         fi
+        # The lag drains after the last acknowledgement too: keep sampling until it is gone,
+        # so that the burst starts from an empty ring and the series shows the drain.
+        n=0
+        while ((rc == 0)) && ! "${in_site[@]}" "$bin" status --json --node 10.77.0.1:7410 --psk-file "$dir/psk" | grep -q '"lag_ops":0,'; do
+          n=$((n + 1)); ((n <= 600)) || break; sleep 0.2
+        done
         kill "$watch"; wait "$watch" 2>/dev/null || true
         ((rc == 0)) || exit "$rc"
         awk -v phase="$phase" -f tools/wan-lag.awk "$dir/lag.txt"

@@ -160,10 +160,18 @@ pub fn run(
     let mut before: Option<(String, Instant)> = None;
     let mut header_shown = None::<String>;
     let mut lines = 0u64;
+    // A line every `interval` however long a request takes, so that the samples read as a
+    // time series (tools/wan.sh reads the lag sampled every 200 ms that way); a line more
+    // than an interval late moves the ones after it rather than bunching them.
+    let mut due = Instant::now();
     while count.is_none_or(|count| lines < count) {
-        if lines > 0 {
-            std::thread::sleep(interval);
-        }
+        std::thread::sleep(due.saturating_duration_since(Instant::now()));
+        let now = Instant::now();
+        due = if now > due + interval {
+            now + interval
+        } else {
+            due + interval
+        };
         lines += 1;
         let asked = Instant::now();
         match ordinal_runtime::admin::request(node, psk, "status", Duration::from_secs(5)) {

@@ -181,16 +181,26 @@ async fn serve_admin(mut stream: TcpStream, admin: Sender<AdminRequest>) {
             return;
         };
         let bytes = answer.as_bytes();
-        let bytes = &bytes[..bytes.len().min(ADMIN_ANSWER_BYTES_MAX)];
         if stream
-            .write_all(&(bytes.len() as u32).to_le_bytes())
+            .write_all(&length_prefixed(
+                &bytes[..bytes.len().min(ADMIN_ANSWER_BYTES_MAX)],
+            ))
             .await
             .is_err()
-            || stream.write_all(bytes).await.is_err()
         {
             return;
         }
     }
+}
+
+/// `bytes` after their length (4 bytes, little-endian), in one buffer: written with one call,
+/// so that Nagle's algorithm never holds the second part back until the peer's delayed ACK of
+/// the first (40 ms on Linux, twice per request; `ordinal status` took 90 ms on loopback).
+fn length_prefixed(bytes: &[u8]) -> Vec<u8> {
+    let mut framed = Vec::with_capacity(4 + bytes.len());
+    framed.extend_from_slice(&(bytes.len() as u32).to_le_bytes());
+    framed.extend_from_slice(bytes);
+    framed
 }
 
 /// Sends one admin request to a daemon and returns its answer (blocking; for the CLI).
@@ -202,6 +212,7 @@ pub fn request(
 ) -> Result<String, String> {
     let mut stream = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(3))
         .map_err(|error| format!("cannot connect to {addr}: {error}"))?;
+    let _ = stream.set_nodelay(true);
     control::blocking_client_handshake(
         &mut stream,
         psk,
@@ -219,8 +230,7 @@ pub fn request(
         .map_err(|error| error.to_string())?;
     assert!(request.len() <= ADMIN_REQUEST_BYTES_MAX);
     stream
-        .write_all(&(request.len() as u32).to_le_bytes())
-        .and_then(|_| stream.write_all(request.as_bytes()))
+        .write_all(&length_prefixed(request.as_bytes()))
         .map_err(|error| format!("{addr}: sending the request failed: {error}"))?;
     let mut len = [0u8; 4];
     stream
