@@ -3,8 +3,28 @@
 # tools/guest/wan.sh (soft-RoCE guests, netem): reading one mode's run and printing the tables.
 # The caller keeps, per link, the associative arrays p50[mode,size] (order-sync and sync p50 in
 # us), rtt[mode] (ping's average in ms), burst_line[mode] and burst_lag[mode], and across links
-# all_p50[delay,mode,size] and all_rtt[delay]; and the settings sizes, rate, fifo, burst_writes
-# and burst_depth.
+# all_p50[delay,mode,size] and all_rtt[delay]; the settings come from wan_parse_args.
+
+# The flags both scripts take, with their defaults: sets delays, rate_mbit and rate (as tc
+# writes it), sizes, writes, burst_writes, burst_depth and fifo. Needs the caller's usage and die.
+wan_parse_args() {
+  delays=5 rate_mbit=100 sizes=4096,65536,262144,1048576 writes=40 burst_writes=32 burst_depth=16 fifo=0
+  while (($#)); do
+    case "$1" in
+      --delay-ms) delays=$2; shift 2 ;;
+      --rate-mbit) rate_mbit=$2; shift 2 ;;
+      --sizes) sizes=$2; shift 2 ;;
+      --writes) writes=$2; shift 2 ;;
+      --burst-writes) burst_writes=$2; shift 2 ;;
+      --burst-depth) burst_depth=$2; shift 2 ;;
+      --fifo) fifo=1; shift ;;
+      -h|--help) usage; exit 0 ;;
+      *) die "unknown argument $1 (--help lists them)" ;;
+    esac
+  done
+  [[ $rate_mbit =~ ^[0-9]+$ ]] || die "--rate-mbit takes a whole number: $rate_mbit"
+  rate="${rate_mbit}mbit"
+}
 
 # Keeps one mode's figures from the lines its run printed (on standard input): the p50 of each
 # size at queue depth 1, the burst's line and its largest lag. The round trip is the caller's

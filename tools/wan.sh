@@ -34,28 +34,7 @@ usage() { awk 'NR == 1 {next} /^#/ {sub(/^# ?/, ""); print; next} {exit}' "$0"; 
 die() { printf '%s: %s\n' "$prog" "$*" >&2; exit 1; }
 . tools/wan-lib.sh
 
-delays=5
-rate_mbit=100
-sizes=4096,65536,262144,1048576
-writes=40
-burst_writes=32
-burst_depth=16
-fifo=0
-while (($#)); do
-  case "$1" in
-    --delay-ms) delays=$2; shift 2 ;;
-    --rate-mbit) rate_mbit=$2; shift 2 ;;
-    --sizes) sizes=$2; shift 2 ;;
-    --writes) writes=$2; shift 2 ;;
-    --burst-writes) burst_writes=$2; shift 2 ;;
-    --burst-depth) burst_depth=$2; shift 2 ;;
-    --fifo) fifo=1; shift ;;
-    -h|--help) usage; exit 0 ;;
-    *) die "unknown argument $1 (--help lists them)" ;;
-  esac
-done
-rate="${rate_mbit}mbit"
-[[ $rate_mbit =~ ^[0-9]+$ ]] || die "--rate-mbit takes a whole number: $rate_mbit"
+wan_parse_args "$@"
 [ "$(id -u)" -eq 0 ] || die "needs root: it creates network namespaces and TUN devices"
 [ -c /dev/net/tun ] || die "no /dev/net/tun: this kernel cannot give a process a TUN device"
 

@@ -30,7 +30,7 @@
 # so the round trips at which order-sync's 1 MiB p50 comes within 1.2x of the link's are the
 # longer ones.
 #
-#   tools/guest/wan.sh [--delay-ms 5[,25,...]] [--rate 100mbit] [--sizes 4096,65536,262144,1048576]
+#   tools/guest/wan.sh [--delay-ms 5[,25,...]] [--rate-mbit 100] [--sizes 4096,65536,262144,1048576]
 #                      [--writes 40] [--burst-writes 32] [--burst-depth 16] [--fifo]
 set -euo pipefail
 prog=wan.sh
@@ -39,26 +39,7 @@ repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
 cd "$repo"
 . tools/wan-lib.sh
 
-delays=5
-rate=100mbit
-sizes=4096,65536,262144,1048576
-writes=40
-burst_writes=32
-burst_depth=16
-fifo=0
-while (($#)); do
-  case "$1" in
-    --delay-ms) delays=$2; shift 2 ;;
-    --rate) rate=$2; shift 2 ;;
-    --sizes) sizes=$2; shift 2 ;;
-    --writes) writes=$2; shift 2 ;;
-    --burst-writes) burst_writes=$2; shift 2 ;;
-    --burst-depth) burst_depth=$2; shift 2 ;;
-    --fifo) fifo=1; shift ;;
-    -h|--help) usage; exit 0 ;;
-    *) die "unknown argument $1" ;;
-  esac
-done
+wan_parse_args "$@"
 
 cargo build --locked --release -p ordinal
 bin=./target/release/ordinal
