@@ -23,6 +23,7 @@ wan_parse_args() {
     esac
   done
   [[ $rate_mbit =~ ^[0-9]+$ ]] || die "--rate-mbit takes a whole number: $rate_mbit"
+  [[ $delays =~ ^[0-9]+(,[0-9]+)*$ ]] || die "--delay-ms takes whole milliseconds, comma-separated: $delays"
   rate="${rate_mbit}mbit"
 }
 
@@ -78,4 +79,12 @@ wan_all_links_table() {
     done
   done
   echo "(target: order-sync p50 for 1 MiB <= 1.2x the link round trip)"
+}
+
+# The caller's run_link once per delay of --delay-ms, then the table of them all.
+wan_run_links() {
+  local delay_ms delay_list
+  IFS=, read -r -a delay_list <<<"$delays"
+  for delay_ms in "${delay_list[@]}"; do run_link "$delay_ms"; done
+  wan_all_links_table "${delay_list[@]}"
 }

@@ -165,9 +165,4 @@ run_link() {
   wan_link_table "$delay_ms"
 }
 
-IFS=, read -r -a delay_list <<<"$delays"
-for delay_ms in "${delay_list[@]}"; do
-  [[ $delay_ms =~ ^[0-9]+$ ]] || die "--delay-ms takes whole milliseconds, comma-separated: $delays"
-  run_link "$delay_ms"
-done
-wan_all_links_table "${delay_list[@]}"
+wan_run_links
