@@ -261,8 +261,8 @@ pub struct StatusArgs {
     /// apply progress (DR), heartbeat (aux). Ctrl-C ends it.
     #[arg(long, conflicts_with = "json")]
     pub watch: bool,
-    /// With --watch: milliseconds between lines.
-    #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u64).range(50..))]
+    /// With --watch: milliseconds between lines (50 to 86,400,000, a day).
+    #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u64).range(50..=86_400_000))]
     pub interval_ms: u64,
     /// With --watch: stop after this many lines (default: until interrupted).
     #[arg(long)]

@@ -75,6 +75,20 @@ fn bad_arguments_are_refused_clearly() {
     ]);
     assert_eq!(code, 2);
     assert!(stderr.contains("is not in 1..=65536"), "{stderr}");
+    // The watch's interval is added to a clock reading each line, which an unbounded one
+    // would overflow (a panic): refused by the parser past a day.
+    let (code, _, stderr) = ordinal(&[
+        "status",
+        "--node",
+        "127.0.0.1:9",
+        "--psk-file",
+        "/nonexistent",
+        "--watch",
+        "--interval-ms",
+        "100000000000",
+    ]);
+    assert_eq!(code, 2);
+    assert!(stderr.contains("is not in 50..=86400000"), "{stderr}");
     // A setting of the degrade policy without it: refused before the volume is opened.
     let psk = std::env::temp_dir().join(format!("ordinal-cli-psk-{}", std::process::id()));
     std::fs::write(&psk, "0123456789abcdef0123456789abcdef").expect("psk");
