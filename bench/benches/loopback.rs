@@ -12,6 +12,7 @@
 use std::time::Duration;
 
 use hdrhistogram::Histogram;
+use ordinal_bench::breakdown::{Band, STEPS};
 use ordinal_bench::loopback::{run, LoopbackConfig, ORDER_FRAME_BYTES};
 use ordinal_proto::Mode;
 use ordinal_runtime::link::TransportChoice;
@@ -28,6 +29,28 @@ fn line(what: &str, histogram: &Histogram<u64>) -> String {
         us(histogram, 0.999),
         histogram.len()
     )
+}
+
+/// The primary's steps of the one-at-a-time writes, mean microseconds per band of writes
+/// ranked by write-ack latency (see `ordinal_bench::breakdown`). The order round trip and the
+/// local write overlap; the acknowledgement waits for the later of the two.
+fn print_breakdown(bands: &[Band]) {
+    println!("  where the time went (mean us per write, writes ranked by write-ack):");
+    let mut header = format!("    {:<11} {:>6} {:>9}", "band", "writes", "write-ack");
+    for step in STEPS {
+        header += &format!(" {step:>11}");
+    }
+    println!("{header}  local write last");
+    for band in bands {
+        let mut line = format!(
+            "    {:<11} {:>6} {:>9.1}",
+            band.label, band.writes, band.write_ack_mean_us
+        );
+        for mean in band.step_means_us {
+            line += &format!(" {mean:>11.1}");
+        }
+        println!("{line}  {:>15.0}%", band.local_write_last * 100.0);
+    }
 }
 
 fn parse() -> Result<LoopbackConfig, String> {
@@ -129,6 +152,7 @@ fn main() {
         "{}",
         line("  of which: order round trip", &report.order_round_trip_ns)
     );
+    print_breakdown(&report.breakdown);
     let ratio = |quantile| us(&report.write_ack_ns, quantile) / us(&report.pingpong_ns, quantile);
     println!(
         "write-ack / ping-pong: p50 {:.2}x  p99 {:.2}x  (target for order-sync: <= 1.30x)",

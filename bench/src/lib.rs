@@ -2,6 +2,7 @@
 //! at 3 significant digits, and ratios against a baseline measured in the same run); none of
 //! them is a timed test.
 
+pub mod breakdown;
 pub mod core_loop;
 pub mod loopback;
 pub mod output;

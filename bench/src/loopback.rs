@@ -77,6 +77,8 @@ pub struct LoopbackReport {
     pub write_ack_ns: Histogram<u64>,
     /// The order round trips (SEND posted to the DR's answer) of the one-at-a-time phase.
     pub order_round_trip_ns: Histogram<u64>,
+    /// Where the one-at-a-time writes' time went, by bands of their latency.
+    pub breakdown: Vec<crate::breakdown::Band>,
     pub throughput_ack_ns: Histogram<u64>,
     pub throughput_writes: u64,
     pub throughput_elapsed: Duration,
@@ -847,16 +849,23 @@ async fn measure(handle: PrimaryHandle, config: LoopbackConfig) -> Result<Loopba
     // Warm-up (connections, page faults, ring laps), then one write at a time.
     let mut write_ack_ns = histogram();
     let mut order_round_trips_before = None;
+    let mut client_samples = Vec::with_capacity(config.latency_samples as usize);
     for index in 0..2 * config.latency_samples {
         if index == config.latency_samples {
             order_round_trips_before = Some(handle.order_round_trips_ns());
+            // One write at a time: one more than the samples holds them all.
+            handle.record_write_timelines(config.latency_samples as usize + 1);
         }
         let started = Instant::now();
         match handle
             .write(offset_of(index, bytes), vec![index as u8; bytes])
             .await
         {
-            WriteOutcome::Acked { .. } => {}
+            WriteOutcome::Acked { seq, .. } => {
+                if index >= config.latency_samples {
+                    client_samples.push((seq, started, Instant::now()));
+                }
+            }
             WriteOutcome::Failed(why) => {
                 failed += 1;
                 if failed == 1 {
@@ -870,6 +879,8 @@ async fn measure(handle: PrimaryHandle, config: LoopbackConfig) -> Result<Loopba
                 .ok();
         }
     }
+    let breakdown = crate::breakdown::bands(&client_samples, &handle.take_write_timelines());
+    handle.record_write_timelines(0);
     let mut order_round_trip_ns = handle.order_round_trips_ns();
     if let Some(before) = order_round_trips_before {
         order_round_trip_ns
@@ -932,6 +943,7 @@ async fn measure(handle: PrimaryHandle, config: LoopbackConfig) -> Result<Loopba
         pingpong_ns: histogram(),
         write_ack_ns,
         order_round_trip_ns,
+        breakdown,
         throughput_ack_ns,
         throughput_writes: writes.get(),
         throughput_elapsed,

@@ -70,6 +70,7 @@ pub mod link;
 pub mod nbd;
 pub mod primary;
 pub mod storage;
+pub mod timeline;
 pub mod transport;
 #[cfg(feature = "verbs")]
 pub mod verbs;

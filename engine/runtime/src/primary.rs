@@ -23,6 +23,7 @@ use crate::admin::{self, ConnectError, Input};
 use crate::control::{NodeInfo, Purpose, Role};
 use crate::link::{PreparedQp, Transport, TransportChoice};
 use crate::storage::{OrderedWrites, Volume, WriteJob};
+use crate::timeline::{WriteTimeline, WriteTimelines};
 use crate::transport::{Opcode, QueuePair, RegionDescriptor, TransportEvent, WorkStatus};
 use crate::Sender;
 
@@ -218,6 +219,7 @@ pub struct PrimaryHandle {
     volume: Rc<Volume>,
     geometry: Geometry,
     order_round_trips: Rc<RefCell<Histogram<u64>>>,
+    timelines: Rc<RefCell<WriteTimelines>>,
     status: Rc<Cell<PrimaryStatus>>,
     subscribers: Rc<RefCell<Vec<glommio::channels::local_channel::LocalSender<PrimaryNotice>>>>,
 }
@@ -301,6 +303,16 @@ impl PrimaryHandle {
     pub fn order_round_trips_ns(&self) -> Histogram<u64> {
         self.order_round_trips.borrow().clone()
     }
+
+    /// Records the steps of up to `capacity` writes from now on (0: stop; the default).
+    pub fn record_write_timelines(&self, capacity: usize) {
+        self.timelines.borrow_mut().record(capacity);
+    }
+
+    /// The timelines recorded of writes acknowledged since the last call.
+    pub fn take_write_timelines(&self) -> Vec<WriteTimeline> {
+        self.timelines.borrow_mut().take()
+    }
 }
 
 struct PrimaryNode {
@@ -326,6 +338,8 @@ struct PrimaryNode {
     orders_in_flight: VecDeque<(Seq, std::time::Instant)>,
     /// Order round trips: from posting a batch's SEND to the DR's answer that it holds it.
     order_round_trips: Rc<RefCell<Histogram<u64>>>,
+    /// Writes' steps, when a benchmark asked for them (see `PrimaryHandle::record_write_timelines`).
+    timelines: Rc<RefCell<WriteTimelines>>,
     /// FLUSH requests waiting for the DR to hold orders through their seq; at most
     /// `FLUSHES_WAITING_MAX`.
     flushes: Vec<(Seq, Sender<Result<(), String>>)>,
@@ -399,6 +413,7 @@ pub async fn run_primary(
     let order_round_trips = Rc::new(RefCell::new(
         Histogram::new_with_bounds(1, 60_000_000_000, 3).expect("valid bounds"),
     ));
+    let timelines = Rc::new(RefCell::new(WriteTimelines::default()));
     let node = Rc::new(RefCell::new(PrimaryNode {
         primary: Primary::new(config),
         staging: crate::storage::prefaulted_memory(geometry.ring_bytes as usize)?,
@@ -416,6 +431,7 @@ pub async fn run_primary(
         last_acked: 0,
         orders_in_flight: VecDeque::new(),
         order_round_trips: order_round_trips.clone(),
+        timelines: timelines.clone(),
         flushes: Vec::new(),
     }));
     let status = Rc::new(Cell::new(status_of(&node.borrow())));
@@ -430,6 +446,7 @@ pub async fn run_primary(
         volume,
         geometry,
         order_round_trips,
+        timelines,
         status: status.clone(),
         subscribers: subscribers.clone(),
     });
@@ -460,6 +477,10 @@ pub async fn run_primary(
                         std::time::Instant::now(),
                     )),
                     Input::Local(PrimaryEvent::LocalWriteDone { seq, result }) => {
+                        if node.timelines.borrow().is_recording() {
+                            let now = std::time::Instant::now();
+                            node.timelines.borrow_mut().local_written(seq, now);
+                        }
                         let mut startable = Vec::new();
                         node.writes.finished(seq, &mut startable);
                         start_local_writes(node, startable, &senders.local);
@@ -689,7 +710,10 @@ fn admit(node: &mut PrimaryNode, now: u64) {
             &mut node.staging[..],
             now,
         ) {
-            Ok(_) => {
+            Ok(admitted) => {
+                if node.timelines.borrow().is_recording() {
+                    node.timelines.borrow_mut().admitted(admitted.seq, arrived);
+                }
                 node.next_client_tag += 1;
                 node.replies.insert(tag, (reply, arrived));
             }
@@ -809,10 +833,17 @@ fn handle_transport(node: &mut PrimaryNode, event: TransportEvent, now: u64) {
     let aux_id = node.aux.as_ref().map(|(qp, _)| qp.id());
     match event {
         TransportEvent::Received { qp, bytes } if dr_ids.is_some_and(|(order, _)| order == qp) => {
+            let held_before = node.primary.order_acked_through();
             if let Err(error) = node.primary.handle_dr_message(&bytes, now) {
                 crate::log!("primary: bad message from the DR: {error}");
             }
             let held = node.primary.order_acked_through();
+            if node.timelines.borrow().is_recording() {
+                let at = std::time::Instant::now();
+                node.timelines
+                    .borrow_mut()
+                    .order_held(held_before + 1, held, at);
+            }
             let mut round_trips = node.order_round_trips.borrow_mut();
             while let Some(&(last_seq, posted_at)) = node.orders_in_flight.front() {
                 if last_seq > held {
@@ -917,11 +948,18 @@ fn execute_actions(node: &mut PrimaryNode, local: &Sender<PrimaryEvent>) {
             PrimaryAction::SendOrderBatch {
                 buffer,
                 len,
+                first_seq,
                 last_seq,
-                ..
             } => {
                 if let Some((order, _, _)) = &node.dr {
+                    let posting = std::time::Instant::now();
                     let posted = order.post_send(0, &node.primary.order_batch(buffer)[..len]);
+                    if node.timelines.borrow().is_recording() {
+                        let at = std::time::Instant::now();
+                        node.timelines
+                            .borrow_mut()
+                            .order_posted(first_seq, last_seq, posting, at);
+                    }
                     if posted.is_ok() && node.orders_in_flight.len() < ORDERS_TIMED_MAX {
                         node.orders_in_flight
                             .push_back((last_seq, std::time::Instant::now()));
@@ -982,6 +1020,10 @@ fn execute_actions(node: &mut PrimaryNode, local: &Sender<PrimaryEvent>) {
                 degraded,
             } => {
                 node.last_acked = node.last_acked.max(seq);
+                if node.timelines.borrow().is_recording() {
+                    let now = std::time::Instant::now();
+                    node.timelines.borrow_mut().acked(seq, now);
+                }
                 if let Some((reply, arrived)) = node.replies.remove(&client_tag) {
                     node.ack_latencies
                         .record(arrived, std::time::Instant::now());
