@@ -366,6 +366,55 @@ fn a_volume_size_mismatch_is_named() {
 }
 
 #[test]
+fn a_staging_ring_larger_than_its_filesystem_is_refused_at_start() {
+    // A DR whose state directory is an 8 MiB tmpfs, with a 64 MiB staging ring. The ring is
+    // written through a memory mapping, so a sparse ring file let the DR start and die of
+    // SIGBUS once payloads filled the filesystem; the DR must refuse at start with one line
+    // naming the ring file, and leave it empty for a start with more room. Needs a mount
+    // namespace of its own (root), as CI has.
+    // /proc/self belongs to the process's effective user.
+    let euid = std::os::unix::fs::MetadataExt::uid(&std::fs::metadata("/proc/self").unwrap());
+    if euid != 0 {
+        eprintln!("skipped: mounting a small tmpfs needs root");
+        return;
+    }
+    let dir = std::env::temp_dir().join(format!("ordinal-small-fs-{}", std::process::id()));
+    let state = dir.join("state");
+    std::fs::create_dir_all(&state).unwrap();
+    std::fs::write(dir.join("psk"), "0123456789abcdef0123").unwrap();
+    let volume = dir.join("dr.vol");
+    std::fs::File::create(&volume)
+        .unwrap()
+        .set_len(16 << 20)
+        .unwrap();
+    let script = format!(
+        "mount -t tmpfs -o size=8m ordinal-test {state} && timeout 20 {ordinal} dr --listen 127.0.0.1:0 --volume {volume} --psk-file {psk} --state-dir {state} --ring-mib 64; status=$?; ls -l {state}/dr-ring.region; exit $status",
+        state = state.display(),
+        ordinal = env!("CARGO_BIN_EXE_ordinal"),
+        volume = volume.display(),
+        psk = dir.join("psk").display(),
+    );
+    let output = Command::new("unshare")
+        .args(["--mount", "sh", "-c", &script])
+        .output()
+        .expect("run unshare");
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr),
+    );
+    assert_eq!(output.status.code(), Some(2), "{stdout}\n{stderr}");
+    assert!(
+        stderr.contains("cannot reserve 64 MiB for region file")
+            && stderr.contains("dr-ring.region")
+            && stderr.contains("No space left on device"),
+        "{stderr}"
+    );
+    // `ls -l`: the file is there and empty.
+    assert!(stdout.contains(" 0 "), "{stdout}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
 fn a_second_daemon_on_an_address_in_use_is_refused_and_the_first_keeps_serving() {
     // Starts an aux, then a second aux on the same address. The second must exit with a line
     // naming the address in use, and the first must still answer. (glommio's own bind sets

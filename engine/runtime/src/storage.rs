@@ -50,8 +50,9 @@ pub fn open_region(path: &Path, len_bytes: u64) -> Result<Rc<MappedRegion>, Stri
     }))
 }
 
-/// Maps `path` as exactly `len_bytes`, creating it zero-filled if it is missing. An existing
-/// file of another size was made for another geometry and is refused by name.
+/// Maps `path` as exactly `len_bytes`, creating it zero-filled if it is missing, with every
+/// block of it allocated (see [`reserve`]). An existing file of another size was made for
+/// another geometry and is refused by name.
 pub fn map_file(path: &Path, len_bytes: u64) -> Result<MmapMut, String> {
     let file = OpenOptions::new()
         .read(true)
@@ -64,18 +65,19 @@ pub fn map_file(path: &Path, len_bytes: u64) -> Result<MmapMut, String> {
         .metadata()
         .map_err(|error| format!("cannot stat {}: {error}", path.display()))?
         .len();
-    if existing == 0 {
-        file.set_len(len_bytes).map_err(|error| {
-            format!(
-                "cannot size {} to {len_bytes} bytes: {error}",
-                path.display()
-            )
-        })?;
-    } else if existing != len_bytes {
+    if existing != 0 && existing != len_bytes {
         return Err(format!(
             "region file {} is {existing} bytes but this geometry needs {len_bytes}: it was made with other settings (remove it to start afresh)",
             path.display()
         ));
+    }
+    if let Err(error) = reserve(&file, path, len_bytes) {
+        // A new file goes back to empty, so that a start with more room sees it as new, not as
+        // a file of another geometry (a failed reservation may have extended it part of the way).
+        if existing == 0 {
+            let _ = file.set_len(0);
+        }
+        return Err(error);
     }
     // SAFETY: the mapping is of a regular file this process opened read-write. Other processes
     // could change it underneath us; ordinal's files live in the node's own state directory and
@@ -85,17 +87,78 @@ pub fn map_file(path: &Path, len_bytes: u64) -> Result<MmapMut, String> {
         .map_err(|error| format!("cannot map {}: {error}", path.display()))
 }
 
+/// Allocates every block of `file`'s first `len_bytes` (`posix_fallocate(3)`), extending it to
+/// that size if it is shorter; blocks already there keep their bytes, holes read as zeroes.
+///
+/// Why: a region file is written through its memory mapping, and a store into a page whose
+/// block the filesystem cannot allocate (the disk, or tmpfs's size limit, is full) kills the
+/// process with SIGBUS, with no error to report: a DR whose staging ring was a sparse file
+/// would die on a payload long after it started. Allocated up front, a region that does not
+/// fit is a one-line error at start instead. On filesystems without `fallocate(2)` glibc
+/// writes a zero into each block that is not allocated yet, with the same result.
+fn reserve(file: &std::fs::File, path: &Path, len_bytes: u64) -> Result<(), String> {
+    use std::os::unix::io::AsRawFd;
+    let len = libc::off_t::try_from(len_bytes).map_err(|_| {
+        format!(
+            "region file {}: {len_bytes} bytes is too large",
+            path.display()
+        )
+    })?;
+    // SAFETY: posix_fallocate acts on a descriptor we own and reads no memory of ours.
+    let error = unsafe { libc::posix_fallocate(file.as_raw_fd(), 0, len) };
+    if error == 0 {
+        return Ok(());
+    }
+    // posix_fallocate returns the error number instead of setting errno.
+    let error = std::io::Error::from_raw_os_error(error);
+    Err(format!(
+        "cannot reserve {} MiB for region file {}: {error} (free space on its filesystem, or choose a smaller ring or table)",
+        len_bytes.div_ceil(1 << 20),
+        path.display()
+    ))
+}
+
 /// Anonymous memory of `len_bytes` with every page faulted in now (`MAP_POPULATE`), for buffers
 /// the data path writes at full speed, such as the primary's staging ring: left to fault in on
 /// first use, the ring's first pass would take a page fault per page inside the write path. In
 /// an emulated guest, faulting in 64 MiB of fresh memory took 0.4 to 1.4 s (`dd bs=64M`);
 /// at start that costs nothing, as the primary has not connected yet.
+///
+/// Refused with a one-line error if it is more than the memory the kernel reports available
+/// (`MemAvailable` in `/proc/meminfo`): faulting it all in would then reclaim the page cache
+/// and swap at best, and wake the OOM killer at worst, which may kill another process than
+/// this one.
 pub fn prefaulted_memory(len_bytes: usize) -> Result<MmapMut, String> {
+    if let Ok(meminfo) = std::fs::read_to_string("/proc/meminfo") {
+        fits_in_available_memory(len_bytes as u64, &meminfo)?;
+    }
     memmap2::MmapOptions::new()
         .len(len_bytes)
         .populate()
         .map_anon()
         .map_err(|error| format!("cannot map {len_bytes} bytes of memory: {error}"))
+}
+
+/// Whether `len_bytes` of memory fit in the `MemAvailable` of a `/proc/meminfo` text (a text
+/// without it says nothing against them).
+fn fits_in_available_memory(len_bytes: u64, meminfo: &str) -> Result<(), String> {
+    match available_bytes(meminfo) {
+        Some(available) if len_bytes > available => Err(format!(
+            "the staging ring needs {} MiB of memory but only {} MiB is available (/proc/meminfo): choose a smaller ring",
+            len_bytes.div_ceil(1 << 20),
+            available >> 20
+        )),
+        _ => Ok(()),
+    }
+}
+
+/// `MemAvailable` of a `/proc/meminfo` text, in bytes (the file gives kB).
+fn available_bytes(meminfo: &str) -> Option<u64> {
+    let line = meminfo
+        .lines()
+        .find_map(|line| line.strip_prefix("MemAvailable:"))?;
+    let kib: u64 = line.trim().strip_suffix("kB")?.trim().parse().ok()?;
+    kib.checked_mul(1024)
 }
 
 /// Size in bytes of a file or block device.
@@ -349,6 +412,69 @@ impl OrderedWrites {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_memory_available_is_read_from_meminfo_and_bounds_the_ring() {
+        let meminfo = "MemTotal:       24589248 kB\nMemFree:        22825708 kB\nMemAvailable:   23117020 kB\nBuffers:            4756 kB\n";
+        assert_eq!(available_bytes(meminfo), Some(23_117_020 * 1024));
+        assert_eq!(available_bytes("MemTotal: 1 kB\n"), None);
+        assert_eq!(available_bytes("MemAvailable: lots\n"), None);
+        let this_machine = std::fs::read_to_string("/proc/meminfo").unwrap();
+        assert!(
+            available_bytes(&this_machine).is_some(),
+            "Linux reports MemAvailable"
+        );
+        let error = fits_in_available_memory(23_117_021 * 1024, meminfo).unwrap_err();
+        assert!(
+            error.contains("needs 22576 MiB") && error.contains("only 22575 MiB"),
+            "{error}"
+        );
+        assert!(fits_in_available_memory(23_117_020 * 1024, meminfo).is_ok());
+        assert!(fits_in_available_memory(u64::MAX, "no such line").is_ok());
+        assert_eq!(prefaulted_memory(1 << 20).unwrap().len(), 1 << 20);
+    }
+
+    #[test]
+    fn a_region_file_has_its_blocks_allocated_and_keeps_its_bytes() {
+        // Checks that a new region file is not sparse (a store through the mapping into a hole
+        // on a full filesystem would be a SIGBUS), and that mapping it again, as a restart
+        // does, keeps what was written and fills a hole punched meanwhile.
+        use std::os::unix::fs::MetadataExt;
+        use std::os::unix::io::AsRawFd;
+        let dir = std::env::temp_dir().join(format!("ordinal-reserve-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("ring");
+        let len = 1u64 << 20;
+        let allocated = |path: &Path| std::fs::metadata(path).unwrap().blocks() * 512;
+        {
+            let mut map = map_file(&path, len).unwrap();
+            assert!(
+                allocated(&path) >= len,
+                "{} of {len} bytes allocated",
+                allocated(&path)
+            );
+            map[4096..4100].copy_from_slice(b"kept");
+            map.flush().unwrap();
+        }
+        let file = OpenOptions::new().write(true).open(&path).unwrap();
+        // SAFETY: fallocate on a descriptor we own; it reads no memory of ours.
+        let punched = unsafe {
+            libc::fallocate(
+                file.as_raw_fd(),
+                libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+                8192,
+                65536,
+            )
+        };
+        assert_eq!(punched, 0, "{}", std::io::Error::last_os_error());
+        assert!(allocated(&path) < len);
+        let map = map_file(&path, len).unwrap();
+        assert!(allocated(&path) >= len);
+        assert_eq!(&map[4096..4100], b"kept");
+        assert!(map[8192..8192 + 65536].iter().all(|&byte| byte == 0));
+        assert_eq!(std::fs::metadata(&path).unwrap().len(), len);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 
     #[test]
     fn overlapping_writes_wait_and_keep_their_order() {
