@@ -224,7 +224,7 @@ impl Volume {
             .await
             .map_err(|error| {
                 format!(
-                    "cannot open volume {} for direct I/O: {error} (a filesystem without O_DIRECT, such as tmpfs, cannot hold a volume)",
+                    "cannot open volume {} for direct I/O: {error} (the filesystem must take O_DIRECT: tmpfs does from Linux 6.6 on)",
                     path.display()
                 )
             })?;
