@@ -9,8 +9,9 @@ say() { printf 'setup: %s\n' "$*"; }
 # Debian packages the build needs: the RDMA wrapper (hw/, through rdma-sys) generates its bindings
 # from libibverbs' headers with bindgen (libclang) and finds them with pkg-config. The rest of the
 # workspace is pure Rust. The NBD export is tested with real clients: qemu-utils (qemu-io,
-# qemu-img) and libnbd-bin (nbdinfo, nbdcopy).
-debian_packages=(libibverbs-dev librdmacm-dev libclang-dev pkg-config qemu-utils libnbd-bin)
+# qemu-img) and libnbd-bin (nbdinfo, nbdcopy). The loopback benchmark puts its volumes on ext4
+# on a zram device (mkfs.ext4: e2fsprogs).
+debian_packages=(libibverbs-dev librdmacm-dev libclang-dev pkg-config qemu-utils libnbd-bin e2fsprogs)
 
 missing=()
 for package in "${debian_packages[@]}"; do

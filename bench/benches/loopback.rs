@@ -3,8 +3,11 @@
 //! throughput through the NBD export against the library API's.
 //!
 //! Options: `--mode order-sync|sync|async`, `--write-bytes N` (4096), `--samples N` (5000, one
-//! write at a time), `--queue-depth N` (32), `--seconds S` (5, throughput phase), `--dir D`
-//! (/dev/shm: tmpfs, so the local write is not a disk), `--transport tcp|verbs`, `--device rxe0`,
+//! write at a time), `--queue-depth N` (32), `--seconds S` (5, throughput phase), `--volumes
+//! ram|files` (ram: on a RAM filesystem made for the run, see `ordinal_bench::ramdisk`, where
+//! the kernel has zram, this is root and the writes are multiples of 4096 bytes; else files
+//! under the `--dir`), `--dir D` (/dev/shm: the state files, and the volumes when they are not
+//! on a RAM filesystem; tmpfs, so nothing waits for a disk), `--transport tcp|verbs`, `--device rxe0`,
 //! `--poll-spin-us N` (50). `ORDINAL_SPIN_US=N` makes every executor
 //! of the run, the baseline's too, spin N µs before it parks. `ORDINAL_BENCH_ONE_PROCESS=1` runs
 //! the DR and the aux on threads of this process instead of processes of their own.
@@ -14,6 +17,7 @@ use std::time::Duration;
 use hdrhistogram::Histogram;
 use ordinal_bench::breakdown::{Band, STEPS};
 use ordinal_bench::loopback::{run, LoopbackConfig, ORDER_FRAME_BYTES};
+use ordinal_bench::ramdisk::{RamFilesystem, RAM_DISK_SECTOR_BYTES};
 use ordinal_proto::Mode;
 use ordinal_runtime::link::TransportChoice;
 
@@ -53,9 +57,14 @@ fn print_breakdown(bands: &[Band]) {
     }
 }
 
-fn parse() -> Result<LoopbackConfig, String> {
+/// What the command line asked for, with whether the volumes should be RAM disks.
+fn parse() -> Result<(LoopbackConfig, bool), String> {
+    let mut ram_volumes = true;
     let mut config = LoopbackConfig {
         dir: std::path::PathBuf::from("/dev/shm"),
+        volumes: None,
+        // tmpfs and this machine's disks take direct I/O at 512 bytes.
+        sector_bytes: 512,
         mode: Mode::OrderSync,
         write_bytes: 4096,
         latency_samples: 5000,
@@ -89,6 +98,13 @@ fn parse() -> Result<LoopbackConfig, String> {
             "--queue-depth" => config.queue_depth = number()?.max(1) as usize,
             "--seconds" => config.throughput_time = Duration::from_secs(number()?.max(1)),
             "--dir" => config.dir = value.into(),
+            "--volumes" => {
+                ram_volumes = match value.as_str() {
+                    "ram" => true,
+                    "files" => false,
+                    other => return Err(format!("--volumes: {other:?} is neither ram nor files")),
+                }
+            }
             "--transport" => transport = value,
             "--device" => device = value,
             "--poll-spin-us" => poll_spin_us = number()?,
@@ -107,22 +123,66 @@ fn parse() -> Result<LoopbackConfig, String> {
     config.dir = config
         .dir
         .join(format!("ordinal-loopback-{}", std::process::id()));
-    Ok(config)
+    Ok((config, ram_volumes))
+}
+
+/// A RAM filesystem with the two volumes on it, set into `config`; or, where it cannot be had,
+/// why not (the volumes are then files under `config.dir`).
+fn ram_volumes(config: &mut LoopbackConfig) -> Result<RamFilesystem, String> {
+    if config.write_bytes % RAM_DISK_SECTOR_BYTES as usize != 0 {
+        return Err(format!(
+            "{}-byte writes are not a multiple of a RAM filesystem's {RAM_DISK_SECTOR_BYTES}-byte blocks",
+            config.write_bytes
+        ));
+    }
+    let parent = config.dir.parent().unwrap_or(&config.dir).to_path_buf();
+    // Two volumes and ext4's own metadata and journal.
+    let bytes = 2 * ordinal_bench::loopback::VOLUME_BYTES + (128 << 20);
+    let filesystem = RamFilesystem::create(bytes, &parent)?;
+    let volumes = (
+        filesystem.path().join("primary.vol"),
+        filesystem.path().join("dr.vol"),
+    );
+    ordinal_bench::loopback::make_volume(&volumes.0)?;
+    ordinal_bench::loopback::make_volume(&volumes.1)?;
+    config.volumes = Some(volumes);
+    config.sector_bytes = RAM_DISK_SECTOR_BYTES;
+    Ok(filesystem)
 }
 
 fn main() {
     // The system's DR and aux run as this program started again (see `FarRole`); such a
     // process runs its role here and exits.
     ordinal_bench::loopback::serve_role_if_asked();
-    let config = match parse() {
-        Ok(config) => config,
+    let (mut config, want_ram_volumes) = match parse() {
+        Ok(parsed) => parsed,
         Err(error) => {
             eprintln!("loopback bench: {error}");
             std::process::exit(2);
         }
     };
+    let state_dir = config
+        .dir
+        .parent()
+        .unwrap_or(&config.dir)
+        .display()
+        .to_string();
+    let (ram_filesystem, volumes) = if want_ram_volumes {
+        match ram_volumes(&mut config) {
+            Ok(filesystem) => {
+                let what = format!(
+                    "volumes on ext4 on {} (RAM), state files under {state_dir}",
+                    filesystem.device().display()
+                );
+                (Some(filesystem), what)
+            }
+            Err(why) => (None, format!("volumes under {state_dir} ({why})")),
+        }
+    } else {
+        (None, format!("volumes under {state_dir}"))
+    };
     println!(
-        "loopback: aux, DR and primary on 127.0.0.1 (one glommio executor each; DR and aux in processes of their own), {} transport, {} mode, {}-byte writes, volumes under {}",
+        "loopback: aux, DR and primary on 127.0.0.1 (one glommio executor each; DR and aux in processes of their own), {} transport, {} mode, {}-byte writes, {volumes}",
         match &config.transport {
             TransportChoice::Tcp => "tcp".to_string(),
             TransportChoice::Verbs {
@@ -133,9 +193,11 @@ fn main() {
         },
         config.mode.name(),
         config.write_bytes,
-        config.dir.parent().unwrap_or(&config.dir).display()
     );
-    let report = match run(&config) {
+    let report = run(&config);
+    // The system has stopped: the RAM filesystem can go.
+    drop(ram_filesystem);
+    let report = match report {
         Ok(report) => report,
         Err(error) => {
             eprintln!("loopback bench: {error}");

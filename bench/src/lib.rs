@@ -7,5 +7,6 @@ pub mod core_loop;
 pub mod loopback;
 pub mod output;
 pub mod perftest;
+pub mod ramdisk;
 pub mod sweep;
 pub mod wan_link;

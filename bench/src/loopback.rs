@@ -33,12 +33,19 @@ use ordinal_runtime::primary::{run_primary, PrimaryHandle, PrimaryOptions, Tunin
 pub const ORDER_FRAME_BYTES: usize =
     ordinal_runtime::transport::FRAME_HEADER_BYTES + MESSAGE_HEADER_BYTES + ORDER_RECORD_BYTES;
 
-const VOLUME_BYTES: u64 = 256 << 20;
+/// Size of each volume of a benchmark's system.
+pub const VOLUME_BYTES: u64 = 256 << 20;
 
 #[derive(Clone, Debug)]
 pub struct LoopbackConfig {
-    /// Where the volumes and state files go (a fresh subdirectory is made and removed).
+    /// Where the state files go, and the volumes unless `volumes` names them (a fresh
+    /// subdirectory is made and removed).
     pub dir: PathBuf,
+    /// The primary's and the DR's volumes, made elsewhere ([`make_volume`]; for example on a
+    /// `crate::ramdisk::RamFilesystem`), instead of files under `dir`.
+    pub volumes: Option<(PathBuf, PathBuf)>,
+    /// Sector size of the system: a multiple of the volumes' direct-I/O alignment.
+    pub sector_bytes: u32,
     pub mode: Mode,
     pub write_bytes: usize,
     /// Writes (and ping-pong rounds) measured one at a time, after as many unmeasured ones.
@@ -358,9 +365,10 @@ impl Drop for PingPong {
     }
 }
 
-/// Makes a volume of zeroes, written out rather than sparse: on tmpfs the first write to a page
-/// allocates and clears it, which would make whichever phase runs first look slower.
-fn make_volume(path: &Path) -> Result<(), String> {
+/// Makes a volume file of [`VOLUME_BYTES`] zeroes, written out rather than sparse: the first
+/// write to a block would otherwise allocate it (on tmpfs, allocate and clear a page), which
+/// would make whichever phase runs first look slower.
+pub fn make_volume(path: &Path) -> Result<(), String> {
     use std::io::Write;
     let fail = |error: std::io::Error| format!("cannot make {}: {error}", path.display());
     let mut file = std::fs::File::create(path).map_err(fail)?;
@@ -575,6 +583,9 @@ const ROLE_ENV: &str = "ORDINAL_BENCH_ROLE";
 #[derive(Clone, Debug)]
 pub(crate) struct SystemPlan {
     dir: PathBuf,
+    primary_volume: PathBuf,
+    dr_volume: PathBuf,
+    sector_bytes: u32,
     mode: Mode,
     ring_bytes: u64,
     write_bytes: usize,
@@ -591,9 +602,7 @@ impl SystemPlan {
     fn geometry(&self) -> Geometry {
         Geometry {
             volume_bytes: VOLUME_BYTES,
-            // 512 lets `ordinal bench` sweep from 512-byte writes; tmpfs and this machine's disks
-            // take direct I/O at that alignment.
-            sector_bytes: 512,
+            sector_bytes: self.sector_bytes,
             ring_bytes: self.ring_bytes,
             table_slots: 4096,
             payload_bytes_max: payload_bytes_max_for(self.write_bytes),
@@ -617,7 +626,7 @@ impl SystemPlan {
         DrOptions {
             listen: self.dr,
             state_dir: self.dir.join("dr-state"),
-            volume: self.dir.join("dr.vol"),
+            volume: self.dr_volume.clone(),
             psk: self.psk(),
             geometry: self.geometry(),
             epoch: 1,
@@ -637,6 +646,9 @@ impl SystemPlan {
             format!("role={}", role.name()),
             format!("parent={}", std::process::id()),
             format!("dir={}", self.dir.display()),
+            format!("primary_volume={}", self.primary_volume.display()),
+            format!("dr_volume={}", self.dr_volume.display()),
+            format!("sector_bytes={}", self.sector_bytes),
             format!("mode={}", self.mode.name()),
             format!("ring_bytes={}", self.ring_bytes),
             format!("write_bytes={}", self.write_bytes),
@@ -695,6 +707,10 @@ impl SystemPlan {
         };
         let plan = SystemPlan {
             dir: PathBuf::from(field("dir")?),
+            primary_volume: PathBuf::from(field("primary_volume")?),
+            dr_volume: PathBuf::from(field("dr_volume")?),
+            sector_bytes: u32::try_from(number("sector_bytes")?)
+                .map_err(|_| parse_error("sector_bytes"))?,
             mode: Mode::parse(field("mode")?).ok_or_else(|| parse_error("mode"))?,
             ring_bytes: number("ring_bytes")?,
             write_bytes: usize::try_from(number("write_bytes")?)
@@ -785,11 +801,21 @@ where
     let dir = &config.dir;
     std::fs::create_dir_all(dir)
         .map_err(|error| format!("cannot create {}: {error}", dir.display()))?;
-    make_volume(&dir.join("primary.vol"))?;
-    make_volume(&dir.join("dr.vol"))?;
+    let (primary_volume, dr_volume) = match &config.volumes {
+        Some(volumes) => volumes.clone(),
+        None => {
+            let volumes = (dir.join("primary.vol"), dir.join("dr.vol"));
+            make_volume(&volumes.0)?;
+            make_volume(&volumes.1)?;
+            volumes
+        }
+    };
     let (aux_addr, dr_addr, primary_addr) = (free_port()?, free_port()?, free_port()?);
     let plan = SystemPlan {
         dir: dir.clone(),
+        primary_volume: primary_volume.clone(),
+        dr_volume,
+        sector_bytes: config.sector_bytes,
         mode: config.mode,
         ring_bytes: config.ring_bytes,
         write_bytes: config.write_bytes,
@@ -802,7 +828,7 @@ where
     let (psk, geometry) = (plan.psk(), plan.geometry());
     let primary = PrimaryOptions {
         listen: primary_addr,
-        volume: dir.join("primary.vol"),
+        volume: primary_volume,
         psk,
         geometry,
         mode: config.mode,
@@ -977,6 +1003,8 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("ordinal-system-stop-{}", std::process::id()));
         let config = LoopbackConfig {
             dir: dir.clone(),
+            volumes: None,
+            sector_bytes: 512,
             mode: Mode::OrderSync,
             write_bytes: 4096,
             latency_samples: 0,
@@ -1028,6 +1056,9 @@ mod tests {
         for mode in [Mode::OrderSync, Mode::Sync, Mode::Async] {
             let plan = SystemPlan {
                 dir: PathBuf::from("/tmp/plan"),
+                primary_volume: PathBuf::from("/dev/zram7"),
+                dr_volume: PathBuf::from("/dev/zram8"),
+                sector_bytes: 4096,
                 mode,
                 ring_bytes: 8 << 20,
                 write_bytes: 4096,
@@ -1039,6 +1070,9 @@ mod tests {
                 SystemPlan::decode(&plan.encode(FarRole::Aux)).expect("decodes");
             assert_eq!((role, parent), (FarRole::Aux, std::process::id()));
             assert_eq!(decoded.mode, mode);
+            assert_eq!(decoded.dr_options().volume, PathBuf::from("/dev/zram8"));
+            assert_eq!(decoded.primary_volume, PathBuf::from("/dev/zram7"));
+            assert_eq!(decoded.geometry().sector_bytes, 4096);
             let yielding: Vec<FarRole> = [FarRole::Aux, FarRole::Dr]
                 .into_iter()
                 .filter(|role| role.yields_cpu_in(mode))

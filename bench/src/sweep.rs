@@ -266,6 +266,11 @@ pub fn run(config: &SweepConfig, progress: &mut dyn FnMut(&str)) -> Result<Sweep
                 mode.name(),
                 std::process::id()
             )),
+            // Files under `dir`, at a 512-byte sector: the sweep goes down to 512-byte writes,
+            // which a RAM filesystem's 4096-byte alignment would refuse; tmpfs and this
+            // machine's disks take direct I/O at 512.
+            volumes: None,
+            sector_bytes: 512,
             mode,
             write_bytes: config.sizes.iter().copied().max().unwrap_or(4096),
             latency_samples: 0,

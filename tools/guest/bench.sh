@@ -42,9 +42,9 @@ serve_and_run ib_send_lat -s 80 -n 5000
 echo "== perftest ib_write_bw, 64 KiB"
 serve_and_run ib_write_bw -s 65536 -n 5000
 echo "== ordinal, 4 KiB writes"
-./'"$bench"' --transport verbs --device rxe0 --poll-spin-us '"$poll_spin_us"' --write-bytes 4096 --samples '"$samples"' --seconds '"$seconds"' --dir /dev/shm
+./'"$bench"' --transport verbs --device rxe0 --poll-spin-us '"$poll_spin_us"' --write-bytes 4096 --samples '"$samples"' --seconds '"$seconds"' --volumes files --dir /dev/shm
 echo "== ordinal, 64 KiB writes"
-./'"$bench"' --transport verbs --device rxe0 --poll-spin-us '"$poll_spin_us"' --write-bytes 65536 --samples 100 --seconds '"$seconds"' --dir /dev/shm
+./'"$bench"' --transport verbs --device rxe0 --poll-spin-us '"$poll_spin_us"' --write-bytes 65536 --samples 100 --seconds '"$seconds"' --volumes files --dir /dev/shm
 ' 2>&1 | tee "$out"
 
 # perftest rows: latency "80 iterations t_min t_max t_typical t_avg ..."; bandwidth
