@@ -17,7 +17,7 @@ use std::time::Duration;
 use hdrhistogram::Histogram;
 use ordinal_bench::breakdown::{Band, STEPS};
 use ordinal_bench::loopback::{run, LoopbackConfig, ORDER_FRAME_BYTES};
-use ordinal_bench::ramdisk::{RamFilesystem, RAM_DISK_SECTOR_BYTES};
+use ordinal_bench::ramdisk::{volumes_on_ram, RAM_DISK_SECTOR_BYTES};
 use ordinal_proto::Mode;
 use ordinal_runtime::link::TransportChoice;
 
@@ -126,30 +126,6 @@ fn parse() -> Result<(LoopbackConfig, bool), String> {
     Ok((config, ram_volumes))
 }
 
-/// A RAM filesystem with the two volumes on it, set into `config`; or, where it cannot be had,
-/// why not (the volumes are then files under `config.dir`).
-fn ram_volumes(config: &mut LoopbackConfig) -> Result<RamFilesystem, String> {
-    if config.write_bytes % RAM_DISK_SECTOR_BYTES as usize != 0 {
-        return Err(format!(
-            "{}-byte writes are not a multiple of a RAM filesystem's {RAM_DISK_SECTOR_BYTES}-byte blocks",
-            config.write_bytes
-        ));
-    }
-    let parent = config.dir.parent().unwrap_or(&config.dir).to_path_buf();
-    // Two volumes and ext4's own metadata and journal.
-    let bytes = 2 * ordinal_bench::loopback::VOLUME_BYTES + (128 << 20);
-    let filesystem = RamFilesystem::create(bytes, &parent)?;
-    let volumes = (
-        filesystem.path().join("primary.vol"),
-        filesystem.path().join("dr.vol"),
-    );
-    ordinal_bench::loopback::make_volume(&volumes.0)?;
-    ordinal_bench::loopback::make_volume(&volumes.1)?;
-    config.volumes = Some(volumes);
-    config.sector_bytes = RAM_DISK_SECTOR_BYTES;
-    Ok(filesystem)
-}
-
 fn main() {
     // The system's DR and aux run as this program started again (see `FarRole`); such a
     // process runs its role here and exits.
@@ -161,15 +137,13 @@ fn main() {
             std::process::exit(2);
         }
     };
-    let state_dir = config
-        .dir
-        .parent()
-        .unwrap_or(&config.dir)
-        .display()
-        .to_string();
+    let parent = config.dir.parent().unwrap_or(&config.dir).to_path_buf();
+    let state_dir = parent.display();
     let (ram_filesystem, volumes) = if want_ram_volumes {
-        match ram_volumes(&mut config) {
-            Ok(filesystem) => {
+        match volumes_on_ram(&parent, &[config.write_bytes]) {
+            Ok((filesystem, volumes)) => {
+                config.volumes = Some(volumes);
+                config.sector_bytes = RAM_DISK_SECTOR_BYTES;
                 let what = format!(
                     "volumes on ext4 on {} (RAM), state files under {state_dir}",
                     filesystem.device().display()

@@ -170,6 +170,31 @@ impl Drop for RamFilesystem {
     }
 }
 
+/// A [`RamFilesystem`] under `parent` holding the primary's and the DR's volume files
+/// ([`crate::loopback::make_volume`]), for a system whose writes are all of `write_sizes`; or
+/// why there cannot be one (the volumes then go elsewhere).
+pub fn volumes_on_ram(
+    parent: &Path,
+    write_sizes: &[usize],
+) -> Result<(RamFilesystem, (PathBuf, PathBuf)), String> {
+    let sector = RAM_DISK_SECTOR_BYTES as usize;
+    if let Some(size) = write_sizes.iter().find(|size| !size.is_multiple_of(sector)) {
+        return Err(format!(
+            "{size}-byte writes are not a multiple of a RAM filesystem's {sector}-byte blocks"
+        ));
+    }
+    // Two volumes and ext4's own metadata and journal.
+    let bytes = 2 * crate::loopback::VOLUME_BYTES + (128 << 20);
+    let filesystem = RamFilesystem::create(bytes, parent)?;
+    let volumes = (
+        filesystem.path().join("primary.vol"),
+        filesystem.path().join("dr.vol"),
+    );
+    crate::loopback::make_volume(&volumes.0)?;
+    crate::loopback::make_volume(&volumes.1)?;
+    Ok((filesystem, volumes))
+}
+
 /// Closes this process's descriptors of files under `dir`.
 fn close_descriptors_under(dir: &Path) {
     let Ok(entries) = std::fs::read_dir("/proc/self/fd") else {

@@ -32,8 +32,12 @@ pub const ACK_BYTES: usize = 16;
 
 #[derive(Clone, Debug)]
 pub struct SweepConfig {
-    /// Where volumes and state files go (a fresh subdirectory per mode, removed afterwards).
+    /// Where state files go, and the volumes unless they are on a RAM filesystem (a fresh
+    /// subdirectory per mode, removed afterwards).
     pub dir: PathBuf,
+    /// Put the volumes on a RAM filesystem made for each mode (`crate::ramdisk`) where one can
+    /// be had and every size is a multiple of its 4096-byte blocks; else files under `dir`.
+    pub ram_volumes: bool,
     pub transport: TransportChoice,
     pub modes: Vec<Mode>,
     pub sizes: Vec<usize>,
@@ -260,17 +264,41 @@ pub fn run(config: &SweepConfig, progress: &mut dyn FnMut(&str)) -> Result<Sweep
     }
     let mut points = Vec::new();
     for &mode in &config.modes {
+        let ram = if config.ram_volumes {
+            match crate::ramdisk::volumes_on_ram(&config.dir, &config.sizes) {
+                Ok((filesystem, volumes)) => {
+                    progress(&format!(
+                        "{}: volumes on ext4 on {} (RAM)",
+                        mode.name(),
+                        filesystem.device().display()
+                    ));
+                    Some((filesystem, volumes))
+                }
+                Err(why) => {
+                    progress(&format!(
+                        "{}: volumes under {} ({why})",
+                        mode.name(),
+                        config.dir.display()
+                    ));
+                    None
+                }
+            }
+        } else {
+            None
+        };
         let system = LoopbackConfig {
             dir: config.dir.join(format!(
                 "ordinal-bench-{}-{}",
                 mode.name(),
                 std::process::id()
             )),
-            // Files under `dir`, at a 512-byte sector: the sweep goes down to 512-byte writes,
-            // which a RAM filesystem's 4096-byte alignment would refuse; tmpfs and this
-            // machine's disks take direct I/O at 512.
-            volumes: None,
-            sector_bytes: 512,
+            volumes: ram.as_ref().map(|(_, volumes)| volumes.clone()),
+            // Files take 512-byte sectors (tmpfs and this machine's disks take direct I/O at
+            // that alignment), so the sweep can go down to 512-byte writes.
+            sector_bytes: match ram {
+                Some(_) => crate::ramdisk::RAM_DISK_SECTOR_BYTES,
+                None => 512,
+            },
             mode,
             write_bytes: config.sizes.iter().copied().max().unwrap_or(4096),
             latency_samples: 0,
@@ -350,6 +378,8 @@ pub fn run(config: &SweepConfig, progress: &mut dyn FnMut(&str)) -> Result<Sweep
             Ok::<_, String>(measured)
         })?;
         let _ = std::fs::remove_dir_all(&system.dir);
+        // The system has stopped: its RAM filesystem can go.
+        drop(ram);
         points.extend(measured);
     }
     Ok(Sweep {

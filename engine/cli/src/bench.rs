@@ -27,9 +27,16 @@ pub struct BenchArgs {
     /// Where the results go: results.json, hgrm/*.hgrm, *.svg.
     #[arg(long, default_value = "bench-results")]
     pub out: PathBuf,
-    /// Where the volumes live during the run (tmpfs by default, so the disk is not measured).
+    /// Where the state files live during the run, and the volumes unless they are on a RAM
+    /// filesystem (tmpfs by default, so no disk is measured).
     #[arg(long, default_value = "/dev/shm")]
     pub dir: PathBuf,
+    /// Where the volumes live: `ram` puts them on ext4 on a zram device made for each mode
+    /// (needs root, zram and mkfs.ext4, and sizes that are multiples of 4096; else they fall
+    /// back to files, saying why); `files` puts them under --dir. On tmpfs every direct write
+    /// goes through an io_uring worker thread, a cost deployed volumes do not have.
+    #[arg(long, default_value = "ram", value_parser = ["ram", "files"])]
+    pub volumes: String,
     #[command(flatten)]
     pub link: crate::node::TransportArgs,
     #[command(flatten)]
@@ -160,6 +167,7 @@ pub fn run(args: BenchArgs) -> Result<ExitCode, String> {
     };
     let config = sweep::SweepConfig {
         dir: args.dir.clone(),
+        ram_volumes: args.volumes == "ram",
         transport,
         modes,
         sizes: args.sizes.clone(),
