@@ -106,16 +106,18 @@ pub fn json(sweep: &Sweep, parameters: &str) -> String {
     json.push_str(",\"points\":[");
     for (index, point) in sweep.points.iter().enumerate() {
         let baseline = sweep.baseline(point.write_bytes);
-        let latency_ratio = sweep.pingpong_of(point).map_or(0.0, |pingpong| {
-            point.latency_ns.value_at_quantile(0.5) as f64
-                / pingpong.value_at_quantile(0.5).max(1) as f64
-        });
+        let latency_ratio = |quantile| {
+            sweep.pingpong_of(point).map_or(0.0, |pingpong| {
+                point.latency_ns.value_at_quantile(quantile) as f64
+                    / pingpong.value_at_quantile(quantile).max(1) as f64
+            })
+        };
         let stream_ratio = baseline.map_or(0.0, |baseline| {
             point.megabytes_per_second() / baseline.stream_megabytes_per_second.max(1e-9)
         });
         let _ = write!(
             json,
-            "{}{{\"mode\":\"{}\",\"write_bytes\":{},\"queue_depth\":{},\"writes\":{},\"failed\":{},\"seconds\":{:.3},\"writes_per_s\":{:.0},\"mb_per_s\":{:.1},\"latency_us\":{},\"order_round_trip_us\":{},\"p50_over_pingpong_p50\":{:.2},\"mb_per_s_over_stream\":{:.2},\"lag\":{}}}",
+            "{}{{\"mode\":\"{}\",\"write_bytes\":{},\"queue_depth\":{},\"writes\":{},\"failed\":{},\"seconds\":{:.3},\"writes_per_s\":{:.0},\"mb_per_s\":{:.1},\"latency_us\":{},\"order_round_trip_us\":{},\"p50_over_pingpong_p50\":{:.2},\"p99_over_pingpong_p99\":{:.2},\"mb_per_s_over_stream\":{:.2},\"lag\":{}}}",
             if index > 0 { "," } else { "" },
             point.mode.name(),
             point.write_bytes,
@@ -127,7 +129,8 @@ pub fn json(sweep: &Sweep, parameters: &str) -> String {
             point.megabytes_per_second(),
             summary_json(&point.latency_ns),
             summary_json(&point.order_round_trip_ns),
-            latency_ratio,
+            latency_ratio(0.5),
+            latency_ratio(0.99),
             stream_ratio,
             lag_json(point)
         );
@@ -164,7 +167,7 @@ pub fn json(sweep: &Sweep, parameters: &str) -> String {
 /// The human table: each point next to its baselines and the ratios.
 pub fn table(sweep: &Sweep) -> String {
     let mut table = format!(
-        "{:<11} {:>8} {:>4} {:>10} {:>10} {:>10} {:>10} {:>9} {:>11} {:>7} {:>10} {:>7} {:>8} {:>8}\n",
+        "{:<11} {:>8} {:>4} {:>10} {:>10} {:>10} {:>10} {:>9} {:>11} {:>7} {:>11} {:>7} {:>10} {:>7} {:>8} {:>8}\n",
         "mode",
         "bytes",
         "QD",
@@ -175,6 +178,8 @@ pub fn table(sweep: &Sweep) -> String {
         "MB/s",
         "ping p50 us",
         "ratio",
+        "ping p99 us",
+        "ratio",
         "stream MB/s",
         "ratio",
         "lag ops",
@@ -182,25 +187,30 @@ pub fn table(sweep: &Sweep) -> String {
     );
     for point in &sweep.points {
         let baseline = sweep.baseline(point.write_bytes);
-        let pingpong = sweep
-            .pingpong_of(point)
-            .map_or(0.0, |pingpong| us(pingpong.value_at_quantile(0.5)));
+        let pingpong = |quantile| {
+            sweep
+                .pingpong_of(point)
+                .map_or(0.0, |pingpong| us(pingpong.value_at_quantile(quantile)))
+        };
         let stream = baseline.map_or(0.0, |b| b.stream_megabytes_per_second);
         let p50 = us(point.latency_ns.value_at_quantile(0.5));
+        let p99 = us(point.latency_ns.value_at_quantile(0.99));
         let lag_max = point.lag_max();
         let _ = writeln!(
             table,
-            "{:<11} {:>8} {:>4} {:>10.1} {:>10.1} {:>10.1} {:>10.0} {:>9.1} {:>11.1} {:>6.2}x {:>10.0} {:>6.2}x {:>8} {:>8.2}{}",
+            "{:<11} {:>8} {:>4} {:>10.1} {:>10.1} {:>10.1} {:>10.0} {:>9.1} {:>11.1} {:>6.2}x {:>11.1} {:>6.2}x {:>10.0} {:>6.2}x {:>8} {:>8.2}{}",
             point.mode.name(),
             point.write_bytes,
             point.queue_depth,
             p50,
-            us(point.latency_ns.value_at_quantile(0.99)),
+            p99,
             us(point.latency_ns.value_at_quantile(0.999)),
             point.writes_per_second(),
             point.megabytes_per_second(),
-            pingpong,
-            p50 / pingpong.max(1e-9),
+            pingpong(0.5),
+            p50 / pingpong(0.5).max(1e-9),
+            pingpong(0.99),
+            p99 / pingpong(0.99).max(1e-9),
             stream,
             point.megabytes_per_second() / stream.max(1e-9),
             lag_max.ops,
@@ -725,6 +735,8 @@ mod tests {
         // (120 us to 3 significant digits)
         assert!(json.contains("\"p50\":120.1"), "{json}");
         assert!(json.contains("\"p50_over_pingpong_p50\":2.40"), "{json}");
+        // And its p99, 140 us, over the ping-pong's p99 of 60 us.
+        assert!(json.contains("\"p99_over_pingpong_p99\":2.33"), "{json}");
         assert!(!json.contains("pingpong_interleaved_us"), "{json}");
         // 1000 writes of 4 KiB in a second over a 2000 MB/s stream.
         assert!(json.contains("\"mb_per_s_over_stream\":0.00"), "{json}"); // The lag series of each point, and its largest sample.
@@ -755,6 +767,8 @@ mod tests {
             first.contains(" 80.1 ") && first.contains("1.50x"),
             "{table}"
         );
+        // Its p99 too: 140 us over the same ping-pong's 80 us.
+        assert!(first.contains("1.75x"), "{table}");
     }
 
     #[test]
