@@ -80,7 +80,12 @@ pub fn ring_mib_min_for(write_bytes: usize) -> u64 {
 /// What one run measured. Latencies are in nanoseconds.
 #[derive(Debug)]
 pub struct LoopbackReport {
+    /// A ping-pong of the order record's frame each way: what the protocol sends and waits
+    /// for per write, and nothing else.
     pub pingpong_ns: Histogram<u64>,
+    /// A ping-pong of the write's size out and a 16-byte answer back (`crate::sweep::ACK_BYTES`,
+    /// as `ordinal bench`'s baseline): the same message size as the client's write.
+    pub write_pingpong_ns: Histogram<u64>,
     pub write_ack_ns: Histogram<u64>,
     /// The order round trips (SEND posted to the DR's answer) of the one-at-a-time phase.
     pub order_round_trip_ns: Histogram<u64>,
@@ -967,6 +972,7 @@ async fn measure(handle: PrimaryHandle, config: LoopbackConfig) -> Result<Loopba
         .await?;
     Ok(LoopbackReport {
         pingpong_ns: histogram(),
+        write_pingpong_ns: histogram(),
         write_ack_ns,
         order_round_trip_ns,
         breakdown,
@@ -981,13 +987,25 @@ async fn measure(handle: PrimaryHandle, config: LoopbackConfig) -> Result<Loopba
 /// Ping-pong, then the system, then ping-pong again (the system stopped): both baselines go
 /// into one histogram, so a drift of the machine during the run shows in neither side alone.
 pub fn run(config: &LoopbackConfig) -> Result<LoopbackReport, String> {
+    let write_pingpong = || {
+        pingpong_sized(
+            config.write_bytes,
+            crate::sweep::ACK_BYTES,
+            config.latency_samples,
+        )
+    };
     let mut pingpong_ns = pingpong(ORDER_FRAME_BYTES, config.latency_samples)?;
+    let mut write_pingpong_ns = write_pingpong()?;
     let workload_config = config.clone();
     let mut report = with_system(config, move |handle| measure(handle, workload_config))??;
     pingpong_ns
         .add(pingpong(ORDER_FRAME_BYTES, config.latency_samples)?)
         .map_err(|error| error.to_string())?;
+    write_pingpong_ns
+        .add(write_pingpong()?)
+        .map_err(|error| error.to_string())?;
     report.pingpong_ns = pingpong_ns;
+    report.write_pingpong_ns = write_pingpong_ns;
     let _ = std::fs::remove_dir_all(&config.dir);
     Ok(report)
 }
