@@ -96,27 +96,59 @@ pub fn map_file(path: &Path, len_bytes: u64) -> Result<MmapMut, String> {
 /// would die on a payload long after it started. Allocated up front, a region that does not
 /// fit is a one-line error at start instead. On filesystems without `fallocate(2)` glibc
 /// writes a zero into each block that is not allocated yet, with the same result.
+///
+/// In [`RESERVE_CHUNK_BYTES`] pieces, each retried when interrupted: tmpfs gives up an
+/// allocation with EINTR whenever the caller has a signal pending (and frees what that call
+/// had allocated). Seen in an emulated guest, where the DR's 16 MiB ring took long enough at
+/// start for it to happen; which signal, we did not find out (on an executor's thread,
+/// io_uring's task work also makes `signal_pending` true, `TIF_NOTIFY_SIGNAL`). A piece at a
+/// time, an interruption costs only its piece.
 fn reserve(file: &std::fs::File, path: &Path, len_bytes: u64) -> Result<(), String> {
     use std::os::unix::io::AsRawFd;
-    let len = libc::off_t::try_from(len_bytes).map_err(|_| {
+    let fail = |error: std::io::Error| {
         format!(
-            "region file {}: {len_bytes} bytes is too large",
+            "cannot reserve {} MiB for region file {}: {error} (free space on its filesystem, or choose a smaller ring or table)",
+            len_bytes.div_ceil(1 << 20),
             path.display()
         )
-    })?;
-    // SAFETY: posix_fallocate acts on a descriptor we own and reads no memory of ours.
-    let error = unsafe { libc::posix_fallocate(file.as_raw_fd(), 0, len) };
-    if error == 0 {
-        return Ok(());
+    };
+    let (mut offset, mut interruptions) = (0u64, 0u64);
+    while offset < len_bytes {
+        let piece = (len_bytes - offset).min(RESERVE_CHUNK_BYTES);
+        let (Ok(at), Ok(len)) = (libc::off_t::try_from(offset), libc::off_t::try_from(piece))
+        else {
+            return Err(fail(std::io::Error::from_raw_os_error(libc::EFBIG)));
+        };
+        let mut interrupted = 0;
+        loop {
+            // SAFETY: posix_fallocate acts on a descriptor we own and reads no memory of ours.
+            // It returns the error number instead of setting errno.
+            match unsafe { libc::posix_fallocate(file.as_raw_fd(), at, len) } {
+                0 => break,
+                libc::EINTR if interrupted < RESERVE_INTERRUPTIONS_MAX => {
+                    interrupted += 1;
+                    interruptions += 1;
+                }
+                error => return Err(fail(std::io::Error::from_raw_os_error(error))),
+            }
+        }
+        offset += piece;
     }
-    // posix_fallocate returns the error number instead of setting errno.
-    let error = std::io::Error::from_raw_os_error(error);
-    Err(format!(
-        "cannot reserve {} MiB for region file {}: {error} (free space on its filesystem, or choose a smaller ring or table)",
-        len_bytes.div_ceil(1 << 20),
-        path.display()
-    ))
+    if interruptions > 0 {
+        crate::log!(
+            "reserving {} was interrupted {interruptions} time(s), each piece retried",
+            path.display()
+        );
+    }
+    Ok(())
 }
+
+/// How much of a region file one `posix_fallocate` call allocates (see [`reserve`]).
+const RESERVE_CHUNK_BYTES: u64 = 1 << 20;
+
+/// Interruptions in a row of one piece's allocation before [`reserve`] gives up: a signal
+/// that keeps coming faster than a megabyte can be allocated is not going to stop.
+const RESERVE_INTERRUPTIONS_MAX: u32 = 1000;
 
 /// Anonymous memory of `len_bytes` with every page faulted in now (`MAP_POPULATE`), for buffers
 /// the data path writes at full speed, such as the primary's staging ring: left to fault in on
