@@ -92,8 +92,15 @@ pub struct RamFilesystem {
 
 impl RamFilesystem {
     /// Makes a filesystem of `bytes` mounted on a fresh directory under `parent`, or says why
-    /// it cannot (no zram in this kernel, not root, no `mkfs.ext4`).
+    /// it cannot (no zram in this kernel, not root, no `mkfs.ext4`). First removes those that
+    /// processes which have ended left under `parent` (see [`remove_abandoned`]).
     pub fn create(bytes: u64, parent: &Path) -> Result<RamFilesystem, String> {
+        Self::create_for(std::process::id(), bytes, parent)
+    }
+
+    /// [`RamFilesystem::create`], named as made by process `pid`.
+    fn create_for(pid: u32, bytes: u64, parent: &Path) -> Result<RamFilesystem, String> {
+        remove_abandoned(parent);
         let disk = RamDisk::create(bytes)?;
         let mkfs = std::process::Command::new("mkfs.ext4")
             // No lazy initialisation: it would go on writing in the background meanwhile.
@@ -108,7 +115,7 @@ impl RamFilesystem {
                 String::from_utf8_lossy(&mkfs.stderr).trim()
             ));
         }
-        let mount_point = parent.join(format!("ordinal-ramfs-{}", disk.number));
+        let mount_point = parent.join(format!("{MOUNT_PREFIX}{pid}-zram{}", disk.number));
         std::fs::create_dir_all(&mount_point)
             .map_err(|error| format!("cannot create {}: {error}", mount_point.display()))?;
         let c_path = |path: &Path| CString::new(path.as_os_str().as_encoded_bytes()).ok();
@@ -195,6 +202,66 @@ pub fn volumes_on_ram(
     Ok((filesystem, volumes))
 }
 
+/// Mount points are named `ordinal-ramfs-<pid>-zram<n>`: the process that made the filesystem,
+/// and its device.
+const MOUNT_PREFIX: &str = "ordinal-ramfs-";
+
+/// Unmounts and removes the RAM filesystems under `parent` whose process has ended: a
+/// benchmark that was killed (Ctrl-C, SIGKILL) could not remove its own, and each would keep
+/// its device and its memory until the next boot. A process that is alive, or a pid reused
+/// since, keeps its filesystem. Failures are said and left alone.
+fn remove_abandoned(parent: &Path) {
+    let Ok(mounts) = std::fs::read_to_string("/proc/self/mounts") else {
+        return;
+    };
+    for line in mounts.lines() {
+        let mut fields = line.split(' ');
+        let (Some(device), Some(mount_point)) = (fields.next(), fields.next()) else {
+            continue;
+        };
+        let mount_point = Path::new(mount_point);
+        if mount_point.parent() != Some(parent) {
+            continue;
+        }
+        let Some((pid, number)) = mount_point
+            .file_name()
+            .and_then(|name| name.to_str())
+            .and_then(|name| name.strip_prefix(MOUNT_PREFIX))
+            .and_then(|rest| rest.split_once("-zram"))
+            .and_then(|(pid, number)| {
+                Some((pid.parse::<i32>().ok()?, number.parse::<u32>().ok()?))
+            })
+        else {
+            continue;
+        };
+        if device != format!("/dev/zram{number}") || process_alive(pid) {
+            continue;
+        }
+        eprintln!(
+            "removing {} (ext4 on {device}), left by process {pid}, which has ended",
+            mount_point.display()
+        );
+        // Dropping it unmounts it and removes its device, as at the end of a run.
+        drop(RamFilesystem {
+            mount_point: mount_point.to_path_buf(),
+            disk: RamDisk {
+                number,
+                path: PathBuf::from(device),
+            },
+        });
+    }
+}
+
+/// Whether a process `pid` exists (`kill(pid, 0)`: EPERM means it does, owned by another user).
+fn process_alive(pid: i32) -> bool {
+    if pid <= 0 {
+        return false;
+    }
+    // SAFETY: signal 0 sends nothing; kill only checks that the process exists.
+    let exists = unsafe { libc::kill(pid, 0) } == 0;
+    exists || std::io::Error::last_os_error().raw_os_error() == Some(libc::EPERM)
+}
+
 /// Closes this process's descriptors of files under `dir`.
 fn close_descriptors_under(dir: &Path) {
     let Ok(entries) = std::fs::read_dir("/proc/self/fd") else {
@@ -219,6 +286,39 @@ fn close_descriptors_under(dir: &Path) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_filesystem_left_by_an_ended_process_is_removed_and_a_live_ones_kept() {
+        // Needs root, zram and mkfs.ext4 (CI has all three); elsewhere it says why and checks
+        // nothing.
+        let parent = std::env::temp_dir().join(format!("ordinal-abandoned-{}", std::process::id()));
+        std::fs::create_dir_all(&parent).unwrap();
+        let mut ended = std::process::Command::new("true").spawn().unwrap();
+        let ended_pid = ended.id();
+        ended.wait().unwrap();
+        let abandoned = match RamFilesystem::create_for(ended_pid, 16 << 20, &parent) {
+            Ok(filesystem) => filesystem,
+            Err(why) => {
+                eprintln!("skipped: {why}");
+                return;
+            }
+        };
+        let abandoned_point = abandoned.path().to_path_buf();
+        // As a killed process leaves it: mounted, its device there.
+        std::mem::forget(abandoned);
+        let live = RamFilesystem::create(16 << 20, &parent).unwrap();
+        let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap();
+        let mounted = |point: &Path| mounts.contains(&format!(" {} ext4 ", point.display()));
+        assert!(!mounted(&abandoned_point), "{mounts}");
+        assert!(!abandoned_point.exists());
+        assert!(mounted(live.path()), "{mounts}");
+        // A second one while the first is alive leaves the first alone.
+        let second = RamFilesystem::create(16 << 20, &parent).unwrap();
+        let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap();
+        assert!(mounts.contains(&format!(" {} ext4 ", live.path().display())));
+        drop((live, second));
+        let _ = std::fs::remove_dir_all(&parent);
+    }
 
     #[test]
     fn a_ram_filesystem_takes_direct_writes_and_goes_away_when_dropped() {
