@@ -117,7 +117,7 @@ pub fn json(sweep: &Sweep, parameters: &str) -> String {
         });
         let _ = write!(
             json,
-            "{}{{\"mode\":\"{}\",\"write_bytes\":{},\"queue_depth\":{},\"writes\":{},\"failed\":{},\"seconds\":{:.3},\"writes_per_s\":{:.0},\"mb_per_s\":{:.1},\"latency_us\":{},\"order_round_trip_us\":{},\"p50_over_pingpong_p50\":{:.2},\"p99_over_pingpong_p99\":{:.2},\"mb_per_s_over_stream\":{:.2},\"lag\":{}}}",
+            "{}{{\"mode\":\"{}\",\"write_bytes\":{},\"queue_depth\":{},\"writes\":{},\"failed\":{},\"seconds\":{:.3},\"writes_per_s\":{:.0},\"mb_per_s\":{:.1},\"latency_us\":{},\"order_round_trip_us\":{},\"p50_over_pingpong_p50\":{:.2},\"p99_over_pingpong_p99\":{:.2},\"mb_per_s_over_stream\":{:.2},\"volumes\":\"{}\",\"lag\":{}}}",
             if index > 0 { "," } else { "" },
             point.mode.name(),
             point.write_bytes,
@@ -132,6 +132,7 @@ pub fn json(sweep: &Sweep, parameters: &str) -> String {
             latency_ratio(0.5),
             latency_ratio(0.99),
             stream_ratio,
+            if point.volumes_on_ram { "ram" } else { "files" },
             lag_json(point)
         );
         if let Some(pingpong) = &point.pingpong_ns {
@@ -699,6 +700,7 @@ mod tests {
                 _ => lag_of(&[(2, 131_072), (7, 458_752), (3, 196_608)]),
             },
             lag_interval: Duration::from_millis(10),
+            volumes_on_ram: mode == Mode::OrderSync,
         };
         Sweep {
             points: vec![
@@ -737,6 +739,9 @@ mod tests {
         assert!(json.contains("\"p50_over_pingpong_p50\":2.40"), "{json}");
         // And its p99, 140 us, over the ping-pong's p99 of 60 us.
         assert!(json.contains("\"p99_over_pingpong_p99\":2.33"), "{json}");
+        // Where each point's volumes were.
+        assert_eq!(json.matches("\"volumes\":\"ram\"").count(), 2, "{json}");
+        assert_eq!(json.matches("\"volumes\":\"files\"").count(), 2, "{json}");
         assert!(!json.contains("pingpong_interleaved_us"), "{json}");
         // 1000 writes of 4 KiB in a second over a 2000 MB/s stream.
         assert!(json.contains("\"mb_per_s_over_stream\":0.00"), "{json}"); // The lag series of each point, and its largest sample.

@@ -71,6 +71,9 @@ pub struct Point {
     /// The primary's replication lag through the measured time, every `lag_interval`.
     pub lag: Vec<LagSample>,
     pub lag_interval: Duration,
+    /// Whether the system's volumes were on a RAM filesystem (`crate::ramdisk`) rather than
+    /// files under the sweep's `dir`.
+    pub volumes_on_ram: bool,
 }
 
 /// The primary's lag at one instant: ops and bytes admitted whose payload had not reached the
@@ -351,7 +354,8 @@ pub fn run(config: &SweepConfig, progress: &mut dyn FnMut(&str)) -> Result<Sweep
             });
             let mut measured = Vec::new();
             for point in receiver.iter() {
-                let point = point?;
+                let mut point = point?;
+                point.volumes_on_ram = ram.is_some();
                 let lag_max = point.lag_max();
                 progress(&format!(
                     "{} {} B QD {}: p50 {:.1} us, p99 {:.1} us, {:.0} writes/s, {:.1} MB/s, lag at most {} ops ({:.2} MiB){}",
@@ -553,6 +557,8 @@ async fn measure(
         elapsed,
         lag,
         lag_interval,
+        // Set by the sweep, which knows where the system's volumes are.
+        volumes_on_ram: false,
     })
 }
 
