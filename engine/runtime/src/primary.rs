@@ -952,17 +952,18 @@ fn execute_actions(node: &mut PrimaryNode, local: &Sender<PrimaryEvent>) {
                 last_seq,
             } => {
                 if let Some((order, _, _)) = &node.dr {
-                    let posting = std::time::Instant::now();
+                    // The clock is read before the post only while timelines are recorded.
+                    let recording = node.timelines.borrow().is_recording();
+                    let posting = recording.then(std::time::Instant::now);
                     let posted = order.post_send(0, &node.primary.order_batch(buffer)[..len]);
-                    if node.timelines.borrow().is_recording() {
-                        let at = std::time::Instant::now();
+                    let posted_at = std::time::Instant::now();
+                    if let Some(posting) = posting {
                         node.timelines
                             .borrow_mut()
-                            .order_posted(first_seq, last_seq, posting, at);
+                            .order_posted(first_seq, last_seq, posting, posted_at);
                     }
                     if posted.is_ok() && node.orders_in_flight.len() < ORDERS_TIMED_MAX {
-                        node.orders_in_flight
-                            .push_back((last_seq, std::time::Instant::now()));
+                        node.orders_in_flight.push_back((last_seq, posted_at));
                     }
                     fail_on_refused_post(order, "order batch", posted);
                 }
